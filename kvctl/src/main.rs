@@ -1,0 +1,431 @@
+//! `kvctl`: the Atoll command line — data, cluster, bench, playground.
+//! Exit status 0 on success; otherwise a one-line error on stderr and a non-zero status.
+
+mod bench;
+mod playground;
+
+use atoll_client::{Client, ClientConfig};
+use atoll_util::hex::display;
+use clap::{Parser, Subcommand, ValueEnum};
+use serde_json::{json, Value};
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Parser, Debug)]
+#[command(name = "kvctl", version, about = "Atoll command line")]
+struct Cli {
+    /// PD addresses (comma separated).
+    #[arg(long, global = true, default_value = "127.0.0.1:2379")]
+    pd: String,
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    output: Output,
+    /// Give up on a request after this many seconds.
+    #[arg(long, global = true, default_value_t = 20.0)]
+    timeout: f64,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Output {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Set KEY to VALUE.
+    Put { key: String, value: String },
+    /// Print KEY's value.
+    Get { key: String },
+    /// Delete KEY.
+    Delete { key: String },
+    /// Keys in [START, END) (END omitted: to the end).
+    Scan {
+        start: String,
+        end: Option<String>,
+        #[arg(long, default_value_t = 0)]
+        limit: usize,
+        #[arg(long)]
+        reverse: bool,
+        #[arg(long)]
+        keys_only: bool,
+    },
+    /// Delete every key in [START, END).
+    DeleteRange { start: String, end: String },
+    /// Compare-and-swap: set KEY to NEW if it holds EXPECTED (use --absent for "no value").
+    Cas {
+        key: String,
+        new: String,
+        #[arg(long)]
+        expected: Option<String>,
+    },
+    /// The stores of the cluster.
+    Stores,
+    /// The regions of the cluster.
+    Regions,
+    /// The PD members.
+    Members,
+    /// A timestamp from the PD leader.
+    Tso,
+    /// Split the regions holding these keys at them.
+    Split { keys: Vec<String> },
+    /// Store operations.
+    Store {
+        #[command(subcommand)]
+        cmd: StoreCmd,
+    },
+    /// PD's running operators.
+    Operators,
+    /// One atomic transaction: OP... where OP is `put KEY VALUE` or `delete KEY`.
+    Txn {
+        #[arg(num_args = 1.., allow_hyphen_values = true)]
+        ops: Vec<String>,
+    },
+    /// Load generator; prints one JSON line.
+    Bench(bench::BenchArgs),
+    /// A local PD and N storage nodes in this process, until Ctrl-C.
+    Playground(playground::PlaygroundArgs),
+}
+
+#[derive(Subcommand, Debug)]
+enum StoreCmd {
+    /// Take a store out: PD moves its regions away, then it becomes tombstone.
+    Delete { store_id: u64 },
+}
+
+fn fail(msg: impl std::fmt::Display) -> ! {
+    eprintln!("kvctl: {msg}");
+    std::process::exit(1);
+}
+
+fn kv_json(k: &[u8], v: Option<&[u8]>) -> Value {
+    json!({"key": display(k), "value": v.map(display)})
+}
+
+async fn client(cli: &Cli) -> anyhow::Result<Arc<Client>> {
+    let mut cfg = ClientConfig::new(atoll_pd_client::rpc::parse_endpoints(&cli.pd));
+    if cfg.pd_endpoints.is_empty() {
+        anyhow::bail!("--pd needs at least one address");
+    }
+    cfg.timeout = Duration::from_secs_f64(cli.timeout.max(0.1));
+    cfg.rpc_timeout = cfg.timeout.min(Duration::from_secs(5));
+    Ok(Client::connect(cfg).await?)
+}
+
+fn print(out: Output, text: String, j: Value) {
+    match out {
+        Output::Text => {
+            if !text.is_empty() {
+                println!("{text}");
+            }
+        }
+        Output::Json => println!("{j}"),
+    }
+}
+
+fn role(r: i32) -> &'static str {
+    if r == atoll_proto::metapb::PeerRole::Learner as i32 {
+        "learner"
+    } else {
+        "voter"
+    }
+}
+
+fn state_name(s: i32) -> &'static str {
+    match atoll_proto::metapb::StoreState::try_from(s) {
+        Ok(atoll_proto::metapb::StoreState::Up) => "up",
+        Ok(atoll_proto::metapb::StoreState::Offline) => "offline",
+        Ok(atoll_proto::metapb::StoreState::Tombstone) => "tombstone",
+        Err(_) => "unknown",
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let out = cli.output;
+    match &cli.cmd {
+        Cmd::Playground(a) => return playground::run(a.clone()).await,
+        Cmd::Bench(a) => {
+            let c = client(&cli).await?;
+            let line = bench::run(c, a.clone()).await?;
+            println!("{line}");
+            return Ok(());
+        }
+        _ => {}
+    }
+    let c = client(&cli).await?;
+    match cli.cmd {
+        Cmd::Put { key, value } => {
+            c.put(key.as_bytes(), value.as_bytes()).await?;
+            print(out, "OK".into(), json!({"ok": true}));
+        }
+        Cmd::Get { key } => {
+            let v = c.get(key.as_bytes()).await?;
+            let text = match &v {
+                Some(v) => display(v),
+                None => {
+                    if out == Output::Text {
+                        eprintln!("kvctl: key not found");
+                        std::process::exit(1);
+                    }
+                    String::new()
+                }
+            };
+            print(out, text, kv_json(key.as_bytes(), v.as_deref()));
+        }
+        Cmd::Delete { key } => {
+            c.delete(key.as_bytes()).await?;
+            print(out, "OK".into(), json!({"ok": true}));
+        }
+        Cmd::Scan {
+            start,
+            end,
+            limit,
+            reverse,
+            keys_only,
+        } => {
+            let end = end.unwrap_or_default();
+            let kvs = c
+                .scan(start.as_bytes(), end.as_bytes(), limit, reverse, keys_only)
+                .await?;
+            let text = kvs
+                .iter()
+                .map(|(k, v)| {
+                    if keys_only {
+                        display(k)
+                    } else {
+                        format!("{}\t{}", display(k), display(v))
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join("\n");
+            let arr: Vec<Value> = kvs
+                .iter()
+                .map(|(k, v)| {
+                    if keys_only {
+                        json!({"key": display(k)})
+                    } else {
+                        kv_json(k, Some(v))
+                    }
+                })
+                .collect();
+            print(out, text, json!({"kvs": arr}));
+        }
+        Cmd::DeleteRange { start, end } => {
+            let n = c.delete_range(start.as_bytes(), end.as_bytes()).await?;
+            print(out, format!("deleted {n} keys"), json!({"deleted": n}));
+        }
+        Cmd::Cas { key, new, expected } => {
+            let (ok, prev) = c
+                .compare_and_swap(
+                    key.as_bytes(),
+                    expected.as_deref().map(str::as_bytes),
+                    Some(new.as_bytes()),
+                )
+                .await?;
+            print(
+                out,
+                if ok {
+                    "OK".into()
+                } else {
+                    format!(
+                        "not swapped; current value: {}",
+                        prev.as_deref()
+                            .map(display)
+                            .unwrap_or_else(|| "(none)".into())
+                    )
+                },
+                json!({"succeeded": ok, "previous": prev.as_deref().map(display)}),
+            );
+            if !ok && out == Output::Text {
+                std::process::exit(1);
+            }
+        }
+        Cmd::Stores => {
+            let infos = c.pd().get_all_stores(false).await?;
+            let mut rows = vec![];
+            let mut arr = vec![];
+            for i in infos {
+                let s = i.store.unwrap_or_default();
+                rows.push(format!(
+                    "{}\t{}\t{}\tregions={}\tleaders={}{}",
+                    s.id,
+                    s.address,
+                    state_name(s.state),
+                    i.region_count,
+                    i.leader_count,
+                    if i.is_down { "\tdisconnected" } else { "" }
+                ));
+                arr.push(json!({
+                    "id": s.id, "address": s.address, "state": state_name(s.state),
+                    "region_count": i.region_count, "leader_count": i.leader_count,
+                    "status_address": s.status_address, "is_down": i.is_down,
+                }));
+            }
+            print(out, rows.join("\n"), json!({"stores": arr}));
+        }
+        Cmd::Regions => {
+            let regions = c.pd().scan_regions(&[], &[], 0).await?;
+            let mut rows = vec![];
+            let mut arr = vec![];
+            for r in regions {
+                let g = &r.region;
+                let e = g.region_epoch.clone().unwrap_or_default();
+                let peers: Vec<Value> = g
+                    .peers
+                    .iter()
+                    .map(|p| json!({"id": p.id, "store_id": p.store_id, "role": role(p.role)}))
+                    .collect();
+                let leader = r
+                    .leader
+                    .as_ref()
+                    .map(|l| json!({"id": l.id, "store_id": l.store_id}));
+                rows.push(format!(
+                    "{}\t[{}, {})\tconf_ver={} version={}\tpeers={}\tleader={}",
+                    g.id,
+                    display(&g.start_key),
+                    display(&g.end_key),
+                    e.conf_ver,
+                    e.version,
+                    g.peers
+                        .iter()
+                        .map(|p| format!(
+                            "{}@{}{}",
+                            p.id,
+                            p.store_id,
+                            if p.role == 1 { "(learner)" } else { "" }
+                        ))
+                        .collect::<Vec<_>>()
+                        .join(","),
+                    r.leader
+                        .as_ref()
+                        .map(|l| format!("{}@{}", l.id, l.store_id))
+                        .unwrap_or_else(|| "none".into())
+                ));
+                arr.push(json!({
+                    "id": g.id, "start_key": display(&g.start_key), "end_key": display(&g.end_key),
+                    "epoch": {"conf_ver": e.conf_ver, "version": e.version},
+                    "peers": peers, "leader": leader,
+                }));
+            }
+            print(out, rows.join("\n"), json!({"regions": arr}));
+        }
+        Cmd::Members => {
+            let m = c.pd().get_members().await?;
+            let leader = m.leader.as_ref().map(|l| l.member_id);
+            let rows: Vec<String> = m
+                .members
+                .iter()
+                .map(|x| {
+                    format!(
+                        "{}\t{}\t{}",
+                        x.name,
+                        x.client_addr,
+                        if Some(x.member_id) == leader {
+                            "leader"
+                        } else {
+                            ""
+                        }
+                    )
+                })
+                .collect();
+            let arr: Vec<Value> = m.members.iter().map(|x| json!({"name": x.name, "client_addr": x.client_addr, "peer_addr": x.peer_addr, "is_leader": Some(x.member_id) == leader})).collect();
+            print(out, rows.join("\n"), json!({"members": arr}));
+        }
+        Cmd::Tso => {
+            let ts = c.tso().await?;
+            let physical = atoll_pd_client::ts_physical_ms(ts);
+            let logical = atoll_pd_client::ts_logical(ts);
+            print(
+                out,
+                format!("{ts}\tphysical={physical} logical={logical}"),
+                json!({"physical": physical, "logical": logical, "ts": ts}),
+            );
+        }
+        Cmd::Split { keys } => {
+            if keys.is_empty() {
+                anyhow::bail!("split needs at least one key");
+            }
+            let ks: Vec<Vec<u8>> = keys.iter().map(|k| k.as_bytes().to_vec()).collect();
+            let regions = c.split(&ks).await?;
+            let arr: Vec<Value> = regions.iter().map(|r| json!({"id": r.id, "start_key": display(&r.start_key), "end_key": display(&r.end_key)})).collect();
+            print(
+                out,
+                format!("split into {} regions", regions.len()),
+                json!({"regions": arr}),
+            );
+        }
+        Cmd::Store {
+            cmd: StoreCmd::Delete { store_id },
+        } => {
+            c.pd().delete_store(store_id).await?;
+            print(
+                out,
+                format!("store {store_id} is offline; PD is moving its regions away"),
+                json!({"ok": true, "store_id": store_id}),
+            );
+        }
+        Cmd::Operators => {
+            let ops = c.pd().get_operators().await?;
+            let rows: Vec<String> = ops
+                .iter()
+                .map(|o| {
+                    format!(
+                        "region {}\t{}\t{}\t{}ms",
+                        o.region_id, o.kind, o.desc, o.age_ms
+                    )
+                })
+                .collect();
+            let arr: Vec<Value> = ops.iter().map(|o| json!({"region_id": o.region_id, "kind": o.kind, "desc": o.desc, "age_ms": o.age_ms})).collect();
+            print(out, rows.join("\n"), json!({"operators": arr}));
+        }
+        Cmd::Txn { ops } => {
+            let mut txn = c.begin().await?;
+            let mut i = 0;
+            let mut n = 0;
+            while i < ops.len() {
+                match ops[i].as_str() {
+                    "put" if i + 2 < ops.len() => {
+                        txn.put(
+                            ops[i + 1].as_bytes().to_vec(),
+                            ops[i + 2].as_bytes().to_vec(),
+                        )?;
+                        i += 3;
+                    }
+                    "delete" if i + 1 < ops.len() => {
+                        txn.delete(ops[i + 1].as_bytes().to_vec())?;
+                        i += 2;
+                    }
+                    other => anyhow::bail!(
+                        "bad transaction op at {other:?}: expected `put KEY VALUE` or `delete KEY`"
+                    ),
+                }
+                n += 1;
+            }
+            let commit_ts = txn.commit().await?;
+            print(
+                out,
+                format!("OK ({n} ops, commit ts {commit_ts})"),
+                json!({"ok": true, "ops": n, "commit_ts": commit_ts}),
+            );
+        }
+        Cmd::Bench(_) | Cmd::Playground(_) => unreachable!("handled above"),
+    }
+    Ok(())
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let quiet = matches!(cli.cmd, Cmd::Playground(_));
+    atoll_util::logging::init(if quiet { "info" } else { "warn" });
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => fail(format!("runtime: {e}")),
+    };
+    if let Err(e) = rt.block_on(run(cli)) {
+        fail(format!("{e:#}"));
+    }
+}

@@ -1,0 +1,758 @@
+//! The cluster as the PD leader sees it: the replicated metadata (stores, regions, ids, TSO,
+//! GC safe point) plus what only the current leader tracks (store statistics and liveness,
+//! region statistics, the stores' heartbeat streams), and the operations of the PD API.
+
+use crate::config::PdConfig;
+use crate::id::IdAllocator;
+use crate::raft_node::{NodeError, RaftNode};
+use crate::schedule::coordinator::Coordinator;
+use crate::schedule::{ClusterSnapshot, RegionView, StoreView};
+use crate::state::{
+    self, region_key, store_key, u64_value, KEY_BOOTSTRAPPED, KEY_CLUSTER_ID, KEY_GC,
+};
+use crate::tso::Tso;
+use atoll_proto::pdpb::{self, PdCommand, PdKv, RegionRecord};
+use atoll_proto::{metapb, Message};
+use parking_lot::{Mutex, RwLock};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+
+/// Errors of the PD API, mapped to `pdpb::ErrorType` in one place (the service).
+#[derive(Debug, thiserror::Error)]
+pub enum PdError {
+    #[error("not leader")]
+    NotLeader,
+    #[error("cluster is not bootstrapped")]
+    NotBootstrapped,
+    #[error("cluster is already bootstrapped")]
+    AlreadyBootstrapped,
+    #[error("store {0} is tombstone")]
+    StoreTombstone(u64),
+    #[error("store {0} not found")]
+    StoreNotFound(u64),
+    #[error("region not found")]
+    RegionNotFound,
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    ClusterMismatch(String),
+    #[error("{0}")]
+    Other(String),
+}
+
+impl From<NodeError> for PdError {
+    fn from(e: NodeError) -> Self {
+        match e {
+            NodeError::NotLeader => PdError::NotLeader,
+            e => PdError::Other(e.to_string()),
+        }
+    }
+}
+
+pub type PdResult<T> = Result<T, PdError>;
+
+pub type StreamTx = mpsc::Sender<Result<pdpb::RegionHeartbeatResponse, tonic::Status>>;
+
+#[derive(Clone, Debug, Default)]
+pub struct RegionStat {
+    pub approximate_size: u64,
+    pub approximate_keys: u64,
+    pub down_peers: Vec<u64>,
+    pub pending_peers: Vec<u64>,
+    pub bytes_written: u64,
+}
+
+#[derive(Default)]
+struct Volatile {
+    epoch: u64,
+    since: Option<Instant>,
+    store_stats: HashMap<u64, pdpb::StoreStats>,
+    store_last_hb: HashMap<u64, Instant>,
+    region_stats: HashMap<u64, RegionStat>,
+    streams: HashMap<u64, StreamTx>,
+    last_resend: Option<Instant>,
+}
+
+pub struct Cluster {
+    pub node: Arc<RaftNode>,
+    pub cfg: PdConfig,
+    pub ids: IdAllocator,
+    pub tso: Tso,
+    vol: RwLock<Volatile>,
+    pub coord: Mutex<Coordinator>,
+    id_pool: Mutex<Vec<u64>>,
+    persist_tx: mpsc::Sender<RegionRecord>,
+    bootstrap_lock: tokio::sync::Mutex<()>,
+    /// Members' info learnt from their raft traffic (before it is persisted).
+    pub peer_members: RwLock<HashMap<u64, pdpb::Member>>,
+    pub self_member: pdpb::Member,
+}
+
+impl Cluster {
+    pub fn new(
+        node: Arc<RaftNode>,
+        cfg: PdConfig,
+        self_member: pdpb::Member,
+    ) -> (Arc<Self>, mpsc::Receiver<RegionRecord>) {
+        let (persist_tx, persist_rx) = mpsc::channel(65536);
+        let c = Arc::new(Cluster {
+            ids: IdAllocator::new(node.clone()),
+            tso: Tso::new(node.clone(), cfg.tso.save_interval.0),
+            coord: Mutex::new(Coordinator::new(cfg.schedule.clone())),
+            node,
+            cfg,
+            vol: RwLock::new(Volatile::default()),
+            id_pool: Mutex::new(vec![]),
+            persist_tx,
+            bootstrap_lock: tokio::sync::Mutex::new(()),
+            peer_members: RwLock::new(HashMap::new()),
+            self_member,
+        });
+        (c, persist_rx)
+    }
+
+    pub fn cluster_id(&self) -> u64 {
+        self.node.state.read().cluster_id
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.node.status.is_ready_leader()
+    }
+
+    pub fn ensure_leader(&self) -> PdResult<()> {
+        if self.is_leader() {
+            self.refresh_volatile();
+            Ok(())
+        } else {
+            Err(PdError::NotLeader)
+        }
+    }
+
+    /// Volatile state belongs to one leadership: start afresh when it changes.
+    fn refresh_volatile(&self) {
+        let epoch = self
+            .node
+            .status
+            .leader_epoch
+            .load(std::sync::atomic::Ordering::Acquire);
+        if self.vol.read().epoch == epoch {
+            return;
+        }
+        let mut v = self.vol.write();
+        if v.epoch != epoch {
+            *v = Volatile {
+                epoch,
+                since: Some(Instant::now()),
+                ..Default::default()
+            };
+            *self.coord.lock() = Coordinator::new(self.cfg.schedule.clone());
+        }
+    }
+
+    pub fn leader_member(&self) -> Option<pdpb::Member> {
+        let id = self.node.status.leader_id();
+        if id == 0 {
+            return None;
+        }
+        if id == self.self_member.member_id {
+            return Some(self.self_member.clone());
+        }
+        if let Some(m) = self.node.state.read().members.get(&id) {
+            return Some(m.clone());
+        }
+        self.peer_members.read().get(&id).cloned()
+    }
+
+    pub fn members(&self) -> Vec<pdpb::Member> {
+        let mut m: HashMap<u64, pdpb::Member> = self.node.state.read().members.clone();
+        for (id, x) in self.peer_members.read().iter() {
+            m.entry(*id).or_insert_with(|| x.clone());
+        }
+        m.insert(self.self_member.member_id, self.self_member.clone());
+        let mut v: Vec<_> = m.into_values().collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+
+    async fn propose(&self, puts: Vec<(Vec<u8>, Vec<u8>)>) -> PdResult<()> {
+        let cmd = PdCommand {
+            puts: puts
+                .into_iter()
+                .map(|(key, value)| PdKv { key, value })
+                .collect(),
+            deletes: vec![],
+        };
+        Ok(self.node.propose(cmd).await?)
+    }
+
+    /// Once leader: make sure the cluster id and this member's record are persisted.
+    pub async fn on_leader(&self) -> PdResult<()> {
+        let (has_id, has_me) = {
+            let st = self.node.state.read();
+            (
+                st.cluster_id != 0,
+                st.members.get(&self.self_member.member_id) == Some(&self.self_member),
+            )
+        };
+        let mut puts = vec![];
+        if !has_id {
+            let id = (atoll_util::unix_millis() << 20) | (rand::random::<u64>() & 0xfffff);
+            puts.push((KEY_CLUSTER_ID.to_vec(), u64_value(id)));
+        }
+        if !has_me {
+            puts.push((
+                state::member_key(self.self_member.member_id),
+                self.self_member.encode_to_vec(),
+            ));
+        }
+        let others: Vec<pdpb::Member> = {
+            let st = self.node.state.read();
+            self.peer_members
+                .read()
+                .values()
+                .filter(|m| st.members.get(&m.member_id) != Some(m))
+                .cloned()
+                .collect()
+        };
+        for m in others {
+            puts.push((state::member_key(m.member_id), m.encode_to_vec()));
+        }
+        if puts.is_empty() {
+            return Ok(());
+        }
+        self.propose(puts).await
+    }
+
+    // ---------------- bootstrap and stores ----------------
+
+    pub fn is_bootstrapped(&self) -> bool {
+        self.node.state.read().bootstrapped
+    }
+
+    pub async fn bootstrap(&self, store: metapb::Store, region: metapb::Region) -> PdResult<()> {
+        self.ensure_leader()?;
+        let _g = self.bootstrap_lock.lock().await;
+        if self.is_bootstrapped() {
+            return Err(PdError::AlreadyBootstrapped);
+        }
+        if store.id == 0 || store.address.is_empty() {
+            return Err(PdError::Invalid(
+                "bootstrap needs a store with an id and an address".into(),
+            ));
+        }
+        if region.id == 0
+            || region.peers.len() != 1
+            || region.peers[0].store_id != store.id
+            || !region.start_key.is_empty()
+            || !region.end_key.is_empty()
+        {
+            return Err(PdError::Invalid(
+                "the first region covers every key with one peer on the bootstrapping store".into(),
+            ));
+        }
+        let rec = RegionRecord {
+            region: Some(region),
+            leader: None,
+        };
+        self.propose(vec![
+            (
+                store_key(store.id),
+                metapb::Store {
+                    state: metapb::StoreState::Up as i32,
+                    ..store.clone()
+                }
+                .encode_to_vec(),
+            ),
+            (
+                region_key(rec.region.as_ref().map_or(0, |r| r.id)),
+                rec.encode_to_vec(),
+            ),
+            (KEY_BOOTSTRAPPED.to_vec(), b"1".to_vec()),
+        ])
+        .await?;
+        tracing::info!(store_id = store.id, "cluster bootstrapped");
+        Ok(())
+    }
+
+    pub async fn put_store(&self, mut store: metapb::Store) -> PdResult<()> {
+        self.ensure_leader()?;
+        if store.id == 0 {
+            return Err(PdError::Invalid("store id must not be 0".into()));
+        }
+        if store.address.is_empty() {
+            return Err(PdError::Invalid(format!(
+                "store {} has no address",
+                store.id
+            )));
+        }
+        let existing = {
+            let st = self.node.state.read();
+            if let Some(other) = st.stores.values().find(|s| {
+                s.address == store.address
+                    && s.id != store.id
+                    && s.state != metapb::StoreState::Tombstone as i32
+            }) {
+                return Err(PdError::ClusterMismatch(format!(
+                    "address {} already belongs to store {}; store {} may not claim it",
+                    store.address, other.id, store.id
+                )));
+            }
+            st.stores.get(&store.id).cloned()
+        };
+        if let Some(old) = &existing {
+            if old.state == metapb::StoreState::Tombstone as i32 {
+                return Err(PdError::StoreTombstone(store.id));
+            }
+            store.state = old.state;
+        } else {
+            store.state = metapb::StoreState::Up as i32;
+        }
+        store.last_heartbeat_ms = 0;
+        if existing.as_ref() == Some(&store) {
+            return Ok(());
+        }
+        self.propose(vec![(store_key(store.id), store.encode_to_vec())])
+            .await
+    }
+
+    pub fn get_store(&self, id: u64) -> PdResult<(metapb::Store, Option<pdpb::StoreStats>)> {
+        self.ensure_leader()?;
+        let s = self
+            .node
+            .state
+            .read()
+            .stores
+            .get(&id)
+            .cloned()
+            .ok_or(PdError::StoreNotFound(id))?;
+        Ok((s, self.vol.read().store_stats.get(&id).cloned()))
+    }
+
+    pub fn store_infos(&self, exclude_tombstone: bool) -> PdResult<Vec<pdpb::StoreInfo>> {
+        self.ensure_leader()?;
+        let snap = self.snapshot();
+        let st = self.node.state.read();
+        let v = self.vol.read();
+        let mut out: Vec<pdpb::StoreInfo> = st
+            .stores
+            .values()
+            .filter(|s| !(exclude_tombstone && s.state == metapb::StoreState::Tombstone as i32))
+            .map(|s| {
+                let view = snap.stores.get(&s.id);
+                let mut store = s.clone();
+                store.last_heartbeat_ms = v.store_last_hb.get(&s.id).map_or(0, |t| {
+                    atoll_util::unix_millis().saturating_sub(t.elapsed().as_millis() as u64)
+                });
+                pdpb::StoreInfo {
+                    store: Some(store),
+                    stats: v.store_stats.get(&s.id).cloned(),
+                    region_count: view.map_or(0, |x| x.region_count as u64),
+                    leader_count: view.map_or(0, |x| x.leader_count as u64),
+                    is_down: view.is_none_or(|x| !x.is_up),
+                }
+            })
+            .collect();
+        out.sort_by_key(|i| i.store.as_ref().map_or(0, |s| s.id));
+        Ok(out)
+    }
+
+    pub fn store_heartbeat(
+        &self,
+        stats: pdpb::StoreStats,
+    ) -> PdResult<pdpb::StoreHeartbeatResponse> {
+        self.ensure_leader()?;
+        let id = stats.store_id;
+        let store = self
+            .node
+            .state
+            .read()
+            .stores
+            .get(&id)
+            .cloned()
+            .ok_or(PdError::StoreNotFound(id))?;
+        if store.state == metapb::StoreState::Tombstone as i32 {
+            return Err(PdError::StoreTombstone(id));
+        }
+        {
+            let mut v = self.vol.write();
+            v.store_last_hb.insert(id, Instant::now());
+            v.store_stats.insert(id, stats);
+        }
+        Ok(pdpb::StoreHeartbeatResponse {
+            header: None,
+            gc_safe_point: self.node.state.read().gc_safe_point,
+            state: store.state,
+        })
+    }
+
+    /// Marks a store offline: PD moves its peers away, then makes it tombstone.
+    pub async fn delete_store(&self, id: u64) -> PdResult<()> {
+        self.ensure_leader()?;
+        let store = self
+            .node
+            .state
+            .read()
+            .stores
+            .get(&id)
+            .cloned()
+            .ok_or(PdError::StoreNotFound(id))?;
+        match metapb::StoreState::try_from(store.state).unwrap_or(metapb::StoreState::Up) {
+            metapb::StoreState::Tombstone => Err(PdError::StoreTombstone(id)),
+            metapb::StoreState::Offline => Ok(()),
+            metapb::StoreState::Up => {
+                let schedulable = self
+                    .snapshot()
+                    .stores
+                    .values()
+                    .filter(|s| s.id != id && s.is_schedulable())
+                    .count();
+                if schedulable < self.cfg.schedule.max_replicas {
+                    return Err(PdError::Invalid(format!(
+                        "removing store {id} would leave {schedulable} stores for {} replicas",
+                        self.cfg.schedule.max_replicas
+                    )));
+                }
+                let s = metapb::Store {
+                    state: metapb::StoreState::Offline as i32,
+                    ..store
+                };
+                self.propose(vec![(store_key(id), s.encode_to_vec())])
+                    .await?;
+                tracing::info!(store_id = id, "store marked offline");
+                Ok(())
+            }
+        }
+    }
+
+    // ---------------- regions ----------------
+
+    pub fn register_stream(&self, store_id: u64, tx: StreamTx) {
+        self.vol.write().streams.insert(store_id, tx);
+    }
+
+    pub fn region_heartbeat(
+        &self,
+        req: pdpb::RegionHeartbeatRequest,
+    ) -> PdResult<Option<pdpb::RegionHeartbeatResponse>> {
+        self.ensure_leader()?;
+        let region = req
+            .region
+            .clone()
+            .ok_or_else(|| PdError::Invalid("heartbeat without region".into()))?;
+        let leader = req
+            .leader
+            .clone()
+            .ok_or_else(|| PdError::Invalid("heartbeat without leader".into()))?;
+        if region.id == 0
+            || region.region_epoch.is_none()
+            || !region.peers.iter().any(|p| p.id == leader.id)
+        {
+            return Err(PdError::Invalid(format!(
+                "malformed heartbeat of region {}",
+                region.id
+            )));
+        }
+        {
+            let st = self.node.state.read();
+            match st.stores.get(&leader.store_id) {
+                None => return Err(PdError::StoreNotFound(leader.store_id)),
+                Some(s) if s.state == metapb::StoreState::Tombstone as i32 => {
+                    return Err(PdError::StoreTombstone(s.id))
+                }
+                _ => {}
+            }
+        }
+        let rec = RegionRecord {
+            region: Some(region.clone()),
+            leader: Some(leader.clone()),
+        };
+        let upd = self.node.state.write().regions.update(rec.clone());
+        if upd.stale {
+            return Ok(None);
+        }
+        {
+            let mut v = self.vol.write();
+            let stat = v.region_stats.entry(region.id).or_default();
+            stat.approximate_size = req.approximate_size;
+            stat.approximate_keys = req.approximate_keys;
+            stat.down_peers = req
+                .down_peers
+                .iter()
+                .filter_map(|d| d.peer.as_ref().map(|p| p.id))
+                .collect();
+            stat.pending_peers = req.pending_peers.iter().map(|p| p.id).collect();
+            stat.bytes_written = req.bytes_written;
+            v.store_last_hb
+                .entry(leader.store_id)
+                .or_insert_with(Instant::now);
+        }
+        if upd.epoch_changed || upd.leader_changed {
+            let _ = self.persist_tx.try_send(rec);
+        }
+        let snap = self.snapshot();
+        let mut pool = self.id_pool.lock();
+        Ok(self
+            .coord
+            .lock()
+            .on_region(&snap, &region, Some(&leader), &mut *pool))
+    }
+
+    pub fn get_region(&self, key: &[u8]) -> PdResult<RegionRecord> {
+        self.ensure_leader()?;
+        self.node
+            .state
+            .read()
+            .regions
+            .search(key)
+            .cloned()
+            .ok_or(PdError::RegionNotFound)
+    }
+
+    pub fn get_prev_region(&self, key: &[u8]) -> PdResult<RegionRecord> {
+        self.ensure_leader()?;
+        self.node
+            .state
+            .read()
+            .regions
+            .search_prev(key)
+            .cloned()
+            .ok_or(PdError::RegionNotFound)
+    }
+
+    pub fn get_region_by_id(&self, id: u64) -> PdResult<Option<RegionRecord>> {
+        self.ensure_leader()?;
+        Ok(self.node.state.read().regions.get(id).cloned())
+    }
+
+    pub fn scan_regions(
+        &self,
+        start: &[u8],
+        end: &[u8],
+        limit: usize,
+    ) -> PdResult<Vec<RegionRecord>> {
+        self.ensure_leader()?;
+        Ok(self
+            .node
+            .state
+            .read()
+            .regions
+            .scan(start, end, limit)
+            .into_iter()
+            .cloned()
+            .collect())
+    }
+
+    pub async fn ask_batch_split(
+        &self,
+        region: metapb::Region,
+        count: u32,
+    ) -> PdResult<Vec<pdpb::SplitId>> {
+        self.ensure_leader()?;
+        if count == 0 || count > 10_000 {
+            return Err(PdError::Invalid(format!(
+                "split count {count} out of range"
+            )));
+        }
+        if region.peers.is_empty() {
+            return Err(PdError::Invalid("split of a region without peers".into()));
+        }
+        let per = 1 + region.peers.len() as u32;
+        let first = self.ids.alloc(count * per).await?;
+        let mut next = first;
+        let mut out = vec![];
+        for _ in 0..count {
+            let new_region_id = next;
+            next += 1;
+            let new_peer_ids = (0..region.peers.len()).map(|i| next + i as u64).collect();
+            next += region.peers.len() as u64;
+            out.push(pdpb::SplitId {
+                new_region_id,
+                new_peer_ids,
+            });
+        }
+        Ok(out)
+    }
+
+    pub fn report_batch_split(&self, regions: Vec<metapb::Region>) -> PdResult<()> {
+        self.ensure_leader()?;
+        for r in regions {
+            let rec = RegionRecord {
+                region: Some(r),
+                leader: None,
+            };
+            let upd = self.node.state.write().regions.update(rec.clone());
+            if upd.epoch_changed {
+                let _ = self.persist_tx.try_send(rec);
+            }
+        }
+        Ok(())
+    }
+
+    pub async fn update_gc_safe_point(&self, sp: u64) -> PdResult<u64> {
+        self.ensure_leader()?;
+        let cur = self.node.state.read().gc_safe_point;
+        if sp <= cur {
+            return Ok(cur);
+        }
+        self.propose(vec![(KEY_GC.to_vec(), u64_value(sp))]).await?;
+        Ok(sp)
+    }
+
+    pub fn gc_safe_point(&self) -> PdResult<u64> {
+        self.ensure_leader()?;
+        Ok(self.node.state.read().gc_safe_point)
+    }
+
+    // ---------------- scheduling ----------------
+
+    /// The cluster as the schedulers see it now.
+    pub fn snapshot(&self) -> ClusterSnapshot {
+        let st = self.node.state.read();
+        let v = self.vol.read();
+        let since = v.since.unwrap_or_else(Instant::now);
+        let disconnect = self.cfg.schedule.store_disconnect_time.0;
+        let down = self.cfg.schedule.max_store_down_time.0;
+        let mut snap = ClusterSnapshot::default();
+        for s in st.stores.values() {
+            // A store never heard from during this leadership counts from its start.
+            let silent = v
+                .store_last_hb
+                .get(&s.id)
+                .copied()
+                .unwrap_or(since)
+                .elapsed();
+            snap.stores.insert(
+                s.id,
+                StoreView {
+                    id: s.id,
+                    state: s.state,
+                    is_up: silent < disconnect,
+                    is_down: silent >= down,
+                    ..Default::default()
+                },
+            );
+        }
+        snap.regions = st
+            .regions
+            .regions
+            .values()
+            .filter_map(|rec| {
+                let region = rec.region.clone()?;
+                let stat = v.region_stats.get(&region.id).cloned().unwrap_or_default();
+                Some(RegionView {
+                    region,
+                    leader: rec.leader.clone(),
+                    approximate_size: stat.approximate_size,
+                    down_peers: stat.down_peers,
+                    pending_peers: stat.pending_peers,
+                })
+            })
+            .collect();
+        snap.regions.sort_by_key(|r| r.region.id);
+        snap.count_regions();
+        snap
+    }
+
+    /// Sends a step to the region's leader over its store's heartbeat stream.
+    fn push(&self, snap: &ClusterSnapshot, resp: pdpb::RegionHeartbeatResponse) {
+        let Some(r) = snap.regions.iter().find(|r| r.region.id == resp.region_id) else {
+            return;
+        };
+        let Some(store) = r.leader_store() else {
+            return;
+        };
+        let tx = self.vol.read().streams.get(&store).cloned();
+        if let Some(tx) = tx {
+            let _ = tx.try_send(Ok(resp));
+        }
+    }
+
+    /// One scheduling round (leader only).
+    pub async fn tick(&self) {
+        if self.ensure_leader().is_err() {
+            return;
+        }
+        // Keep a pool of ids for new peers.
+        let need = self.id_pool.lock().len() < 256;
+        if need {
+            if let Ok(first) = self.ids.alloc(1024).await {
+                let mut pool = self.id_pool.lock();
+                pool.extend((first..first + 1024).rev());
+            }
+        }
+        let snap = self.snapshot();
+        let steps = {
+            let mut pool = self.id_pool.lock();
+            self.coord.lock().tick(&snap, &mut *pool)
+        };
+        for s in steps {
+            self.push(&snap, s);
+        }
+        // Re-send running steps now and then (a step or its result may have been lost).
+        let resend = {
+            let mut v = self.vol.write();
+            let due = v
+                .last_resend
+                .is_none_or(|t| t.elapsed() >= Duration::from_secs(3));
+            if due {
+                v.last_resend = Some(Instant::now());
+            }
+            due
+        };
+        if resend {
+            let steps = self.coord.lock().running_steps(&snap);
+            for s in steps {
+                self.push(&snap, s);
+            }
+        }
+        // Offline stores that hold nothing any more become tombstone.
+        for s in snap.stores.values() {
+            if s.is_offline() && s.region_count == 0 {
+                let store = self.node.state.read().stores.get(&s.id).cloned();
+                if let Some(store) = store {
+                    let t = metapb::Store {
+                        state: metapb::StoreState::Tombstone as i32,
+                        ..store
+                    };
+                    if self
+                        .propose(vec![(store_key(s.id), t.encode_to_vec())])
+                        .await
+                        .is_ok()
+                    {
+                        tracing::info!(store_id = s.id, "store is tombstone");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Persists changed region records in batches (leader only).
+    pub async fn run_persister(self: Arc<Self>, mut rx: mpsc::Receiver<RegionRecord>) {
+        while let Some(first) = rx.recv().await {
+            let mut batch: HashMap<u64, RegionRecord> = HashMap::new();
+            let id = first.region.as_ref().map_or(0, |r| r.id);
+            batch.insert(id, first);
+            while batch.len() < 1024 {
+                match rx.try_recv() {
+                    Ok(r) => {
+                        let id = r.region.as_ref().map_or(0, |r| r.id);
+                        batch.insert(id, r);
+                    }
+                    Err(_) => break,
+                }
+            }
+            if !self.is_leader() {
+                continue;
+            }
+            let puts = batch
+                .into_iter()
+                .map(|(id, r)| (region_key(id), r.encode_to_vec()))
+                .collect();
+            if let Err(e) = self.propose(puts).await {
+                tracing::debug!(error = %e, "persist region records");
+            }
+        }
+    }
+}

@@ -1,0 +1,304 @@
+//! Bringing a store up and down: engine, store identity, cluster bootstrap, PD registration,
+//! raftstore, transport, gRPC and status servers, graceful shutdown.
+
+use crate::config::NodeConfig;
+use crate::service::KvService;
+use crate::storage::Storage;
+use atoll_engine_rocks::{RocksConfig, RocksEngine};
+use atoll_pd_client::{PdClient, RpcPdClient, RpcPdConfig};
+use atoll_proto::kvrpcpb::kv_server::KvServer;
+use atoll_proto::raft_serverpb::raft_server::RaftServer;
+use atoll_proto::raft_serverpb::StoreIdent;
+use atoll_proto::{metapb, pdpb};
+use atoll_raftstore::snap::SnapManager;
+use atoll_raftstore::store::{
+    clear_prepared_bootstrap, has_regions, load_store_ident, prepare_bootstrap_region,
+    write_store_ident,
+};
+use atoll_raftstore::{RaftRouter, RaftStore, StoreDeps};
+use atoll_transport::{GrpcTransport, PdStoreResolver, RaftService, TransportConfig};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+
+pub type Engine = RocksEngine;
+
+/// A running store.
+pub struct Node {
+    pub store_id: u64,
+    pub addr: SocketAddr,
+    pub status_addr: Option<SocketAddr>,
+    pub router: RaftRouter<Engine>,
+    pub storage: Arc<Storage<Engine>>,
+    pub pd: Arc<dyn PdClient>,
+    store: Option<RaftStore<Engine>>,
+    transport: GrpcTransport,
+    stop_tx: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+async fn connect_pd(cfg: &NodeConfig, patience: Duration) -> anyhow::Result<RpcPdClient> {
+    let deadline = Instant::now() + patience;
+    loop {
+        match RpcPdClient::connect(RpcPdConfig::new(cfg.pd_endpoints())).await {
+            Ok(c) => return Ok(c),
+            Err(e) if Instant::now() < deadline => {
+                tracing::warn!(error = %e, "PD not reachable yet; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => return Err(anyhow::anyhow!("cannot reach PD at {}: {e}", cfg.pd)),
+        }
+    }
+}
+
+/// Store id from disk, or a fresh one from PD.
+async fn store_identity(engine: &Engine, pd: &dyn PdClient) -> anyhow::Result<u64> {
+    let cluster_id = pd.cluster_id();
+    if let Some(ident) = load_store_ident(engine)? {
+        if cluster_id != 0 && ident.cluster_id != 0 && ident.cluster_id != cluster_id {
+            anyhow::bail!(
+                "this data directory belongs to cluster {} but PD runs cluster {cluster_id}: refusing to start",
+                ident.cluster_id
+            );
+        }
+        return Ok(ident.store_id);
+    }
+    if has_regions(engine)? {
+        anyhow::bail!("data directory holds regions but no store identity: it is damaged");
+    }
+    let store_id = pd.alloc_id().await?;
+    write_store_ident(
+        engine,
+        &StoreIdent {
+            cluster_id,
+            store_id,
+        },
+    )?;
+    tracing::info!(store_id, "new store id");
+    Ok(store_id)
+}
+
+async fn maybe_bootstrap(
+    engine: &Engine,
+    pd: &dyn PdClient,
+    store: &metapb::Store,
+) -> anyhow::Result<()> {
+    if pd.is_cluster_bootstrapped().await? {
+        return Ok(());
+    }
+    if has_regions(engine)? {
+        anyhow::bail!("PD says the cluster is not bootstrapped, but this store has regions: PD's data was lost");
+    }
+    let region_id = pd.alloc_id().await?;
+    let peer_id = pd.alloc_id().await?;
+    let region = metapb::Region {
+        id: region_id,
+        start_key: vec![],
+        end_key: vec![],
+        region_epoch: Some(metapb::RegionEpoch {
+            conf_ver: 1,
+            version: 1,
+        }),
+        peers: vec![metapb::Peer {
+            id: peer_id,
+            store_id: store.id,
+            role: 0,
+        }],
+    };
+    prepare_bootstrap_region(engine, &region)?;
+    match pd.bootstrap_cluster(store.clone(), region).await {
+        Ok(()) => {
+            tracing::info!(store_id = store.id, region_id, "bootstrapped the cluster");
+            Ok(())
+        }
+        Err(atoll_pd_client::Error::AlreadyBootstrapped) => {
+            clear_prepared_bootstrap(engine, region_id)?;
+            Ok(())
+        }
+        Err(e) => {
+            clear_prepared_bootstrap(engine, region_id)?;
+            Err(e.into())
+        }
+    }
+}
+
+impl Node {
+    pub async fn start(cfg: NodeConfig) -> anyhow::Result<Node> {
+        cfg.validate()?;
+        std::fs::create_dir_all(&cfg.data_dir)
+            .map_err(|e| anyhow::anyhow!("data dir {:?}: {e}", cfg.data_dir))?;
+        let engine = RocksEngine::open(
+            cfg.data_dir.join("db"),
+            &RocksConfig {
+                block_cache_size: cfg.rocksdb.block_cache_size.0 as usize,
+                write_buffer_size: cfg.rocksdb.write_buffer_size.0 as usize,
+                max_background_jobs: cfg.rocksdb.max_background_jobs,
+                ..RocksConfig::default()
+            },
+        )?;
+        let snap_mgr = SnapManager::new(cfg.data_dir.join("snap"))?;
+        let pd: Arc<dyn PdClient> = Arc::new(connect_pd(&cfg, Duration::from_secs(60)).await?);
+        let store_id = store_identity(&engine, pd.as_ref()).await?;
+        let listener = tokio::net::TcpListener::bind(&cfg.addr)
+            .await
+            .map_err(|e| anyhow::anyhow!("bind {}: {e}", cfg.addr))?;
+        let addr = listener.local_addr()?;
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let mut tasks = vec![];
+        let started = (atoll_util::unix_millis() / 1000) as i64;
+        let mut meta = metapb::Store {
+            id: store_id,
+            address: cfg.advertise(&addr),
+            status_address: String::new(),
+            state: metapb::StoreState::Up as i32,
+            version: env!("CARGO_PKG_VERSION").into(),
+            start_timestamp: started,
+            last_heartbeat_ms: 0,
+        };
+        // The first region must be on disk before the raftstore loads its regions.
+        maybe_bootstrap(&engine, pd.as_ref(), &meta).await?;
+
+        let transport = GrpcTransport::new(
+            store_id,
+            TransportConfig {
+                snap_chunk_size: cfg.raftstore.snap_chunk_size.0 as usize,
+                snap_send_limit: cfg.raftstore.concurrent_send_snap_limit,
+                ..TransportConfig::default()
+            },
+            Arc::new(PdStoreResolver::new(pd.clone())),
+            tokio::runtime::Handle::current(),
+        );
+        let data_dir = cfg.data_dir.clone();
+        let stats = Arc::new(move || {
+            let (capacity, available) = atoll_util::sys::disk_space(&data_dir).unwrap_or((0, 0));
+            pdpb::StoreStats {
+                capacity,
+                available,
+                start_time: started,
+                ..Default::default()
+            }
+        });
+        let store = RaftStore::start(StoreDeps {
+            store_id,
+            cfg: cfg.raftstore.clone(),
+            engine: engine.clone(),
+            trans: Arc::new(transport.clone()),
+            pd: pd.clone(),
+            snap_mgr,
+            runtime: tokio::runtime::Handle::current(),
+            stats,
+        })?;
+        let router = store.router();
+        transport.set_sink(Arc::new(router.clone()));
+        let storage = Arc::new(Storage::new(
+            router.clone(),
+            pd.clone(),
+            cfg.storage.clone(),
+        ));
+        tasks.push(tokio::spawn(
+            storage.clone().run_background(stop_rx.clone()),
+        ));
+
+        let kv = KvServer::new(KvService::new(storage.clone()))
+            .max_decoding_message_size(64 << 20)
+            .max_encoding_message_size(64 << 20);
+        let raft = RaftServer::new(RaftService::new(
+            Arc::new(router.clone()),
+            cfg.raftstore.concurrent_recv_snap_limit,
+        ))
+        .max_decoding_message_size(64 << 20)
+        .max_encoding_message_size(64 << 20);
+        let mut rx = stop_rx.clone();
+        tasks.push(tokio::spawn(async move {
+            let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+            let r = tonic::transport::Server::builder()
+                .tcp_nodelay(true)
+                .initial_stream_window_size(4 << 20)
+                .initial_connection_window_size(16 << 20)
+                .add_service(kv)
+                .add_service(raft)
+                .serve_with_incoming_shutdown(incoming, async move {
+                    let _ = rx.wait_for(|s| *s).await;
+                })
+                .await;
+            if let Err(e) = r {
+                tracing::error!(error = %e, "gRPC server stopped");
+            }
+        }));
+
+        let status_addr = if cfg.status_addr.is_empty() {
+            None
+        } else {
+            let r = router.clone();
+            let s = storage.clone();
+            let status: atoll_util::status::StatusFn = Arc::new(move || {
+                serde_json::json!({
+                    "store_id": r.store_id(),
+                    "regions": r.region_count(),
+                    "leaders": r.leader_count(),
+                    "awake_regions": r.awake_count(),
+                    "synced_write_batches": r.metrics().synced_write_batches(),
+                    "max_ts": s.max_ts(),
+                })
+            });
+            let mut rx = stop_rx.clone();
+            let a: SocketAddr = cfg
+                .status_addr
+                .parse()
+                .map_err(|e| anyhow::anyhow!("status-addr {}: {e}", cfg.status_addr))?;
+            Some(
+                atoll_util::status::spawn(a, status, async move {
+                    let _ = rx.wait_for(|s| *s).await;
+                })
+                .await?,
+            )
+        };
+
+        meta.status_address = if !cfg.advertise_status_addr.is_empty() {
+            cfg.advertise_status_addr.clone()
+        } else {
+            status_addr.map(|a| cfg.advertise(&a)).unwrap_or_default()
+        };
+        pd.put_store(meta.clone())
+            .await
+            .map_err(|e| anyhow::anyhow!("register store {store_id} with PD: {e}"))?;
+        tracing::info!(store_id, %addr, "store started");
+        Ok(Node {
+            store_id,
+            addr,
+            status_addr,
+            router,
+            storage,
+            pd,
+            store: Some(store),
+            transport,
+            stop_tx,
+            tasks,
+        })
+    }
+
+    /// Stops serving, then stops the raftstore (nothing acknowledged is lost: it is in the log).
+    pub async fn stop(mut self) {
+        let _ = self.stop_tx.send(true);
+        for t in self.tasks.drain(..) {
+            let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
+        }
+        self.transport.close();
+        if let Some(store) = self.store.take() {
+            let _ = tokio::task::spawn_blocking(move || store.shutdown()).await;
+        }
+    }
+}
+
+/// Runs a store until `shutdown` completes.
+pub async fn run(
+    cfg: NodeConfig,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let node = Node::start(cfg).await?;
+    shutdown.await;
+    tracing::info!(store_id = node.store_id, "shutting down");
+    node.stop().await;
+    Ok(())
+}

@@ -1,0 +1,58 @@
+//! The `Kv` gRPC service: a thin shell over [`Storage`], which owns the semantics.
+
+use crate::storage::Storage;
+use atoll_engine::KvEngine;
+use atoll_proto::kvrpcpb::kv_server::Kv;
+use atoll_proto::kvrpcpb::*;
+use std::sync::Arc;
+use tonic::{Request, Response, Status};
+
+pub struct KvService<E: KvEngine> {
+    storage: Arc<Storage<E>>,
+}
+
+impl<E: KvEngine> KvService<E> {
+    pub fn new(storage: Arc<Storage<E>>) -> Self {
+        KvService { storage }
+    }
+}
+
+macro_rules! kv_service {
+    ($($method:ident($req:ty) -> $resp:ty;)*) => {
+        #[tonic::async_trait]
+        impl<E: KvEngine> Kv for KvService<E> {
+            $(
+                async fn $method(&self, req: Request<$req>) -> Result<Response<$resp>, Status> {
+                    let Some(_permit) = self.storage.admit() else {
+                        let mut busy = <$resp>::default();
+                        busy.region_error = Some(atoll_raftstore::Error::ServerIsBusy("too many requests in flight".into()).into());
+                        return Ok(Response::new(busy));
+                    };
+                    self.storage.$method(req.into_inner()).await.map(Response::new)
+                }
+            )*
+        }
+    };
+}
+
+kv_service! {
+    kv_get(GetRequest) -> GetResponse;
+    kv_batch_get(BatchGetRequest) -> BatchGetResponse;
+    kv_scan(ScanRequest) -> ScanResponse;
+    kv_put(PutRequest) -> PutResponse;
+    kv_batch_put(BatchPutRequest) -> BatchPutResponse;
+    kv_delete(DeleteRequest) -> DeleteResponse;
+    kv_delete_range(DeleteRangeRequest) -> DeleteRangeResponse;
+    kv_compare_and_swap(CompareAndSwapRequest) -> CompareAndSwapResponse;
+    kv_prewrite(PrewriteRequest) -> PrewriteResponse;
+    kv_commit(CommitRequest) -> CommitResponse;
+    kv_batch_rollback(BatchRollbackRequest) -> BatchRollbackResponse;
+    kv_check_txn_status(CheckTxnStatusRequest) -> CheckTxnStatusResponse;
+    kv_check_secondary_locks(CheckSecondaryLocksRequest) -> CheckSecondaryLocksResponse;
+    kv_resolve_lock(ResolveLockRequest) -> ResolveLockResponse;
+    kv_txn_heart_beat(TxnHeartBeatRequest) -> TxnHeartBeatResponse;
+    kv_pessimistic_lock(PessimisticLockRequest) -> PessimisticLockResponse;
+    kv_pessimistic_rollback(PessimisticRollbackRequest) -> PessimisticRollbackResponse;
+    kv_scan_lock(ScanLockRequest) -> ScanLockResponse;
+    split_region(SplitRegionRequest) -> SplitRegionResponse;
+}

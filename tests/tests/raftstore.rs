@@ -1,0 +1,410 @@
+//! The batched Multi-Raft store on an in-process cluster (issue: foundation).
+//! Raw data below the transaction layer; see atoll-test-cluster.
+
+use atoll_raftstore::msg::CasualMessage;
+use atoll_test_cluster::{wait_until, Cluster, IsolateStore};
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+fn key(i: usize) -> Vec<u8> {
+    format!("k{i:06}").into_bytes()
+}
+
+#[test]
+fn writes_replicate_to_every_peer() {
+    let mut c = Cluster::new(3);
+    c.run();
+    for i in 0..50 {
+        c.must_put(&key(i), b"v");
+    }
+    for i in 0..50 {
+        c.must_replicated(&key(i), b"v", Duration::from_secs(10));
+    }
+    c.must_delete(&key(0));
+    assert_eq!(c.must_get(&key(0)), None);
+}
+
+#[test]
+fn leader_crash_loses_no_acknowledged_write() {
+    let mut c = Cluster::new(3);
+    c.run();
+    for i in 0..100 {
+        c.must_put(&key(i), format!("v{i}").as_bytes());
+    }
+    let leader = c.wait_leader(1, Duration::from_secs(10)).unwrap();
+    c.stop_store(leader);
+    let start = Instant::now();
+    let new_leader = c
+        .wait_leader(1, Duration::from_secs(10))
+        .expect("a new leader");
+    assert_ne!(new_leader, leader);
+    eprintln!("new leader after {:?}", start.elapsed());
+    for i in 0..100 {
+        c.must_get_equal(&key(i), format!("v{i}").as_bytes());
+    }
+    for i in 100..150 {
+        c.must_put(&key(i), b"after");
+    }
+    c.start_store(leader);
+    for i in 0..150 {
+        let want = if i < 100 {
+            format!("v{i}").into_bytes()
+        } else {
+            b"after".to_vec()
+        };
+        assert!(
+            wait_until(Duration::from_secs(20), || c
+                .get_on_store(leader, &key(i))
+                .as_deref()
+                == Some(&want[..])),
+            "restarted store missing key {i}"
+        );
+    }
+}
+
+#[test]
+fn partitioned_minority_serves_nothing() {
+    let mut c = Cluster::new(3);
+    c.run();
+    c.must_put(b"a", b"1");
+    let old = c.wait_leader(1, Duration::from_secs(10)).unwrap();
+    let region = c.get_region(b"a");
+    let fid = c.net.add_filter(IsolateStore(old));
+    // The old leader alone: a write proposed there must not be acknowledged...
+    let router = c.router(old).clone();
+    let put = atoll_proto::raft_cmdpb::RaftCmdRequest {
+        header: Some(atoll_proto::raft_cmdpb::RaftRequestHeader {
+            region_id: 1,
+            peer: None,
+            region_epoch: region.region_epoch.clone(),
+            keys: vec![],
+        }),
+        requests: vec![atoll_proto::raft_cmdpb::Request {
+            cmd_type: atoll_proto::raft_cmdpb::CmdType::Put as i32,
+            put: Some(atoll_proto::raft_cmdpb::PutRequest {
+                cf: "default".into(),
+                key: atoll_keys::data_key(b"a"),
+                value: b"minority".to_vec(),
+            }),
+            ..Default::default()
+        }],
+        admin_request: None,
+    };
+    let w = c.runtime.block_on(async {
+        tokio::time::timeout(Duration::from_secs(3), router.propose_async(put)).await
+    });
+    assert!(
+        !matches!(w, Ok(Ok(_))),
+        "a minority acknowledged a write: {w:?}"
+    );
+    // ...nor a linearizable read.
+    let header = atoll_proto::raft_cmdpb::RaftRequestHeader {
+        region_id: 1,
+        peer: None,
+        region_epoch: region.region_epoch.clone(),
+        keys: vec![],
+    };
+    let r = c.runtime.block_on(async {
+        tokio::time::timeout(Duration::from_secs(3), router.read_index_async(header)).await
+    });
+    assert!(
+        !matches!(r, Ok(Ok(_))),
+        "a minority served a linearizable read"
+    );
+    // The majority elects a leader and serves.
+    assert!(wait_until(Duration::from_secs(10), || c
+        .running_stores()
+        .iter()
+        .any(|s| *s != old && c.router(*s).is_leader(1))));
+    c.must_put(b"a", b"2");
+    c.must_get_equal(b"a", b"2");
+    c.net.remove_filter(fid);
+    // The old leader rejoins and learns the new value.
+    assert!(wait_until(Duration::from_secs(20), || c
+        .get_on_store(old, b"a")
+        .as_deref()
+        == Some(b"2")));
+}
+
+#[test]
+fn compacted_follower_catches_up_by_snapshot() {
+    let mut c = Cluster::new(3);
+    c.run();
+    c.must_put(b"k", b"v");
+    let leader = c.wait_leader(1, Duration::from_secs(10)).unwrap();
+    let follower = *c.store_ids.iter().find(|s| **s != leader).unwrap();
+    let applied_before = c
+        .router(follower)
+        .metrics()
+        .snapshots_applied
+        .load(std::sync::atomic::Ordering::Relaxed);
+    let fid = c.net.add_filter(IsolateStore(follower));
+    for i in 0..300 {
+        c.must_put(&key(i), b"x");
+    }
+    // Compact the leader's log past what the follower has.
+    c.must_compact_log(1, u64::MAX);
+    let leader_engine = c.engine(leader).clone();
+    assert!(wait_until(Duration::from_secs(10), || {
+        let s = atoll_raftstore::storage::load_apply_state(&leader_engine, 1)
+            .unwrap()
+            .unwrap();
+        s.truncated_state.unwrap().index > 100
+    }));
+    c.net.remove_filter(fid);
+    for i in 0..300 {
+        assert!(
+            wait_until(Duration::from_secs(30), || c
+                .get_on_store(follower, &key(i))
+                .as_deref()
+                == Some(b"x")),
+            "key {i}"
+        );
+    }
+    let applied_after = c
+        .router(follower)
+        .metrics()
+        .snapshots_applied
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        applied_after > applied_before,
+        "the follower did not catch up by snapshot"
+    );
+    // And it keeps following from the log afterwards.
+    c.must_put(b"after-snap", b"y");
+    c.must_replicated(b"after-snap", b"y", Duration::from_secs(10));
+}
+
+#[test]
+fn split_into_two_and_into_a_hundred() {
+    let mut c = Cluster::new(3);
+    c.run();
+    c.must_put(b"a", b"1");
+    c.must_put(b"z", b"2");
+    let regions = c.must_split(&[b"m"]);
+    assert_eq!(regions.len(), 2);
+    let left = c.get_region(b"a");
+    let right = c.get_region(b"z");
+    assert_ne!(left.id, right.id);
+    assert_eq!(left.end_key, b"m");
+    assert_eq!(right.start_key, b"m");
+    c.must_get_equal(b"a", b"1");
+    c.must_get_equal(b"z", b"2");
+    // Into 100: 98 more split points in the right half, at once.
+    let points: Vec<Vec<u8>> = (1..=98).map(|i| format!("m{i:03}").into_bytes()).collect();
+    let refs: Vec<&[u8]> = points.iter().map(|p| p.as_slice()).collect();
+    let made = c.must_split(&refs);
+    assert_eq!(made.len(), 99);
+    assert!(
+        wait_until(Duration::from_secs(30), || c.regions_with_leaders() >= 100),
+        "not every region elected a leader"
+    );
+    let mut seen = HashSet::new();
+    for (i, p) in points.iter().enumerate() {
+        let mut k = p.clone();
+        k.push(b'x');
+        c.must_put(&k, format!("{i}").as_bytes());
+        let r = c.get_region(&k);
+        assert!(atoll_keys::in_range(&k, &r.start_key, &r.end_key));
+        seen.insert(r.id);
+    }
+    assert_eq!(seen.len(), 98, "every key lands in its own region");
+    for (i, p) in points.iter().enumerate() {
+        let mut k = p.clone();
+        k.push(b'x');
+        c.must_get_equal(&k, format!("{i}").as_bytes());
+    }
+    c.must_get_equal(b"a", b"1");
+    c.must_get_equal(b"z", b"2");
+}
+
+#[test]
+fn add_and_remove_peers() {
+    let mut c = Cluster::new(4);
+    // The first region starts on stores 1-3; store 4 is empty.
+    c.run_with_peers(3);
+    for i in 0..20 {
+        c.must_put(&key(i), b"v");
+    }
+    let p4 = c.must_add_peer(1, 4);
+    assert_eq!(p4.store_id, 4);
+    for i in 0..20 {
+        assert!(wait_until(Duration::from_secs(20), || c
+            .get_on_store(4, &key(i))
+            .as_deref()
+            == Some(b"v")));
+    }
+    let region = c.region_by_id(1).unwrap();
+    assert_eq!(region.peers.len(), 4);
+    // Remove a non-leader peer.
+    let leader = c.wait_leader(1, Duration::from_secs(10)).unwrap();
+    let victim = region
+        .peers
+        .iter()
+        .find(|p| p.store_id != leader && p.store_id != 4)
+        .unwrap()
+        .clone();
+    c.must_remove_peer(1, victim.clone());
+    assert!(
+        wait_until(Duration::from_secs(20), || c
+            .router(victim.store_id)
+            .region(1)
+            .is_none()),
+        "removed peer not destroyed"
+    );
+    assert!(
+        wait_until(Duration::from_secs(20), || c
+            .get_on_store(victim.store_id, &key(0))
+            .is_none()),
+        "removed peer's data not cleaned"
+    );
+    c.must_put(b"after", b"remove");
+    c.must_get_equal(b"after", b"remove");
+    assert_eq!(c.region_by_id(1).unwrap().peers.len(), 3);
+}
+
+#[test]
+fn restart_every_store_keeps_acknowledged_writes() {
+    let mut c = Cluster::new(3);
+    c.run();
+    c.must_split(&[b"k000500"]);
+    for i in 0..1000 {
+        c.must_put(&key(i), format!("v{i}").as_bytes());
+    }
+    for id in c.store_ids.clone() {
+        c.stop_store(id);
+    }
+    for id in c.store_ids.clone() {
+        c.start_store(id);
+    }
+    for i in 0..1000 {
+        c.must_get_equal(&key(i), format!("v{i}").as_bytes());
+    }
+}
+
+#[test]
+fn leader_transfer() {
+    let mut c = Cluster::new(3);
+    c.run();
+    c.must_put(b"x", b"1");
+    for target in c.store_ids.clone() {
+        c.must_transfer_leader(1, target);
+        c.must_put(b"x", format!("{target}").as_bytes());
+        c.must_get_equal(b"x", format!("{target}").as_bytes());
+    }
+}
+
+/// Splits the single region into `n` regions at once.
+fn make_regions(c: &Cluster, n: usize) -> Vec<Vec<u8>> {
+    let points: Vec<Vec<u8>> = (1..n).map(|i| format!("r{i:05}").into_bytes()).collect();
+    let refs: Vec<&[u8]> = points.iter().map(|p| p.as_slice()).collect();
+    c.must_split(&refs);
+    assert!(
+        wait_until(Duration::from_secs(60), || c.regions_with_leaders() >= n),
+        "only {} of {n} regions have leaders",
+        c.regions_with_leaders()
+    );
+    let mut keys = vec![b"r".to_vec()];
+    keys.extend(points.into_iter().map(|mut p| {
+        p.push(b'x');
+        p
+    }));
+    keys
+}
+
+#[test]
+fn one_write_per_region_costs_rounds_not_regions() {
+    let mut c = Cluster::new(3);
+    c.run();
+    let keys = make_regions(&c, 1000);
+    // Let elections and their writes settle.
+    std::thread::sleep(Duration::from_millis(500));
+    let before: Vec<u64> = c
+        .store_ids
+        .iter()
+        .map(|s| c.router(*s).metrics().synced_write_batches())
+        .collect();
+    // One concurrent write to every region, each through its leader.
+    let mut waits = vec![];
+    for k in &keys {
+        let region = c.get_region(k);
+        let leader = c.leader_store(region.id).expect("leader");
+        let cmd = atoll_proto::raft_cmdpb::RaftCmdRequest {
+            header: Some(atoll_proto::raft_cmdpb::RaftRequestHeader {
+                region_id: region.id,
+                peer: None,
+                region_epoch: region.region_epoch.clone(),
+                keys: vec![],
+            }),
+            requests: vec![atoll_proto::raft_cmdpb::Request {
+                cmd_type: atoll_proto::raft_cmdpb::CmdType::Put as i32,
+                put: Some(atoll_proto::raft_cmdpb::PutRequest {
+                    cf: "default".into(),
+                    key: atoll_keys::data_key(k),
+                    value: b"v".to_vec(),
+                }),
+                ..Default::default()
+            }],
+            admin_request: None,
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        c.router(leader).propose(
+            cmd,
+            Box::new(move |r| {
+                let _ = tx.send(r.is_ok());
+            }),
+        );
+        waits.push(rx);
+    }
+    for w in waits {
+        assert!(
+            w.recv_timeout(Duration::from_secs(30)).unwrap(),
+            "a write failed"
+        );
+    }
+    // Followers persist what they received too.
+    for k in keys.iter().step_by(97) {
+        c.must_replicated(k, b"v", Duration::from_secs(10));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    for (i, s) in c.store_ids.iter().enumerate() {
+        let after = c.router(*s).metrics().synced_write_batches();
+        let used = after - before[i];
+        eprintln!("store {s}: {used} synced write batches for 1000 writes in 1000 regions");
+        assert!(used <= 50, "store {s} used {used} synced write batches");
+    }
+}
+
+#[test]
+fn a_thousand_idle_regions_cost_little_cpu() {
+    let mut c = Cluster::new(3);
+    c.run();
+    make_regions(&c, 1000);
+    // Idle regions hibernate.
+    assert!(
+        wait_until(Duration::from_secs(60), || c
+            .store_ids
+            .iter()
+            .all(|s| c.router(*s).awake_count() == 0)),
+        "regions still awake: {:?}",
+        c.store_ids
+            .iter()
+            .map(|s| c.router(*s).awake_count())
+            .collect::<Vec<_>>()
+    );
+    let cpu0 = atoll_util::sys::process_cpu_time();
+    let t0 = Instant::now();
+    std::thread::sleep(Duration::from_secs(10));
+    let cpu = atoll_util::sys::process_cpu_time() - cpu0;
+    let frac = cpu.as_secs_f64() / t0.elapsed().as_secs_f64();
+    eprintln!(
+        "1000 idle regions on 3 stores: {:.2}% of one core over {:?}",
+        frac * 100.0,
+        t0.elapsed()
+    );
+    assert!(frac < 0.15, "idle cost {:.1}% of a core", frac * 100.0);
+    // And they wake for work.
+    c.must_put(b"r00500x", b"awake");
+    c.must_get_equal(b"r00500x", b"awake");
+    let _ = CasualMessage::HeartbeatPd;
+}
