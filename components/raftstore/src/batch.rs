@@ -287,6 +287,8 @@ impl<F: Fsm> BatchSystem<F> {
         for t in threads {
             let _ = t.join();
         }
+        // FSMs still queued for a poller would otherwise live as long as any router handle.
+        while self.receiver.try_recv().is_ok() {}
     }
 }
 

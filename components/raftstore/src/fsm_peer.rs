@@ -8,7 +8,7 @@ use crate::pd_worker::PdTask;
 use crate::peer::Peer;
 use crate::storage::write_region_state;
 use crate::store::StoreContext;
-use crate::worker::{RegionTask, SplitCheckTask};
+use crate::worker::{RegionTask, SplitCheckMsg, SplitCheckTask};
 use crate::{util, Error, Result};
 use atoll_engine::{KvEngine, WriteBatch, CF_RAFT, DATA_CFS};
 use atoll_proto::metapb;
@@ -426,7 +426,7 @@ impl<E: KvEngine> PeerFsm<E> {
             split_keys: ctx.cfg.region_split_keys,
             force,
         };
-        if ctx.split_tx.try_send(task).is_err() {
+        if ctx.split_tx.try_send(SplitCheckMsg::Check(task)).is_err() {
             self.peer.split_check_pending = false;
         }
     }
@@ -827,6 +827,7 @@ impl<E: KvEngine> PollHandler<PeerFsm<E>> for RaftPoller<E> {
             }
             fsm.send_to_apply(&ctx, committed);
             fsm.peer.maybe_issue_reads(&ctx);
+            fsm.peer.serve_reads(&ctx);
             fsm.peer.publish(&ctx);
         }
         ctx.trans.flush();

@@ -202,6 +202,19 @@ impl<E: KvEngine> Peer<E> {
         self.idle_ticks = 0;
         if self.hibernating {
             self.hibernating = false;
+            // Time did not pass for raft while asleep: restart its clocks so that a leader
+            // does not judge its quorum on silence it caused itself, nor a follower campaign
+            // at once.
+            self.raft_group.raft.election_elapsed = 0;
+            if self.is_leader() {
+                for (_, pr) in self.raft_group.raft.mut_prs().iter_mut() {
+                    pr.recent_active = true;
+                }
+                let now = Instant::now();
+                for t in self.peer_heartbeats.values_mut() {
+                    *t = now;
+                }
+            }
             ctx.set_awake(self.region_id, true);
         }
     }
@@ -246,6 +259,16 @@ impl<E: KvEngine> Peer<E> {
         match ExtraMessageType::try_from(msg.extra).unwrap_or(ExtraMessageType::None) {
             ExtraMessageType::Hibernate => {
                 let from = msg.from_peer.as_ref().map_or(0, |p| p.id);
+                tracing::trace!(
+                    tag = %self.tag,
+                    from,
+                    leader = self.leader_id(),
+                    term = msg.term,
+                    my_term = self.term(),
+                    last = msg.last_index,
+                    my_last = self.raft_group.raft.raft_log.last_index(),
+                    "hibernate request"
+                );
                 if !self.is_leader()
                     && from == self.leader_id()
                     && msg.term == self.term()
@@ -261,25 +284,30 @@ impl<E: KvEngine> Peer<E> {
         }
     }
 
-    /// Everything replicated, applied and quiet: safe to stop ticking.
-    fn is_idle(&self, ctx: &StoreContext<E>) -> bool {
-        if !self.is_leader()
-            || !self.proposals.is_empty()
+    /// Everything replicated, applied and quiet: safe to stop ticking. `Err` says why not.
+    fn idle_check(&self, ctx: &StoreContext<E>) -> std::result::Result<(), &'static str> {
+        if !self.is_leader() {
+            return Err("not leader");
+        }
+        if !self.proposals.is_empty()
             || !self.pending_reads.is_empty()
             || !self.inflight_reads.is_empty()
         {
-            return false;
+            return Err("requests pending");
         }
         let raft = &self.raft_group.raft;
         let last = raft.raft_log.last_index();
-        if raft.raft_log.committed != last
-            || self.applied_index != last
-            || raft.lead_transferee.is_some()
-        {
-            return false;
+        if raft.raft_log.committed != last {
+            return Err("uncommitted entries");
         }
-        if raft.has_pending_conf() || self.raft_group.has_ready() {
-            return false;
+        if self.applied_index != last {
+            return Err("unapplied entries");
+        }
+        if raft.lead_transferee.is_some() {
+            return Err("leader transfer");
+        }
+        if raft.has_pending_conf() {
+            return Err("pending conf change");
         }
         let fresh = ctx.cfg.tick() * (2 * ctx.cfg.raft_election_timeout_ticks as u32);
         let now = Instant::now();
@@ -288,25 +316,35 @@ impl<E: KvEngine> Peer<E> {
                 continue;
             }
             if pr.matched != last {
-                return false;
+                return Err("follower behind");
             }
             match self.peer_heartbeats.get(id) {
                 Some(t) if now.duration_since(*t) < fresh => {}
-                _ => return false,
+                _ => return Err("follower silent"),
             }
         }
-        true
+        Ok(())
     }
 
     fn maybe_hibernate(&mut self, ctx: &StoreContext<E>) {
         if !ctx.cfg.hibernate_regions || self.hibernating {
             return;
         }
-        if self.is_idle(ctx) {
+        let idle = self.idle_check(ctx);
+        if let Err(why) = idle {
+            tracing::trace!(tag = %self.tag, why, "not idle");
+        }
+        if idle.is_ok() {
             self.idle_ticks += 1;
             if self.idle_ticks >= ctx.cfg.hibernate_after_ticks {
-                // Compact what is replicated before going quiet.
-                self.maybe_compact_log(ctx, true);
+                // Compact what is replicated before going quiet (only worthwhile amounts:
+                // the compaction is itself an entry).
+                let truncated = self.raft_group.store().truncated_index();
+                if self.applied_index.saturating_sub(truncated) >= ctx.cfg.raft_log_gc_threshold {
+                    self.maybe_compact_log(ctx, false);
+                    self.idle_ticks = 0;
+                    return;
+                }
                 let ids: Vec<u64> = self
                     .raft_group
                     .raft
@@ -319,6 +357,7 @@ impl<E: KvEngine> Peer<E> {
                     self.send_extra(ctx, id, ExtraMessageType::Hibernate);
                 }
                 self.hibernating = true;
+                tracing::trace!(tag = %self.tag, "leader hibernates");
                 ctx.set_awake(self.region_id, false);
             }
         } else {
@@ -379,7 +418,8 @@ impl<E: KvEngine> Peer<E> {
         }
         self.peer_cache.insert(from.id, from.clone());
         self.peer_heartbeats.insert(from.id, Instant::now());
-        if self.hibernating && !is_hibernation_safe(&m) {
+        if self.hibernating && !self.is_hibernation_safe(&m) {
+            tracing::trace!(tag = %self.tag, msg = ?m.get_msg_type(), from = m.from, "woken by a message");
             self.wake(ctx);
         }
         if let Err(e) = self.raft_group.step(m) {
@@ -419,6 +459,28 @@ impl<E: KvEngine> Peer<E> {
             return false;
         }
         true
+    }
+
+    /// Heart beats that carry nothing new need not wake a hibernating peer: the leader's
+    /// last heartbeat (which may cross its hibernate message) and the answers to it.
+    fn is_hibernation_safe(&self, m: &eraftpb::Message) -> bool {
+        let raft = &self.raft_group.raft;
+        if m.term != raft.term {
+            return false;
+        }
+        match m.get_msg_type() {
+            MessageType::MsgHeartbeat => {
+                !self.is_leader() && m.from == raft.leader_id && m.commit <= raft.raft_log.committed
+            }
+            MessageType::MsgHeartbeatResponse => {
+                self.is_leader()
+                    && raft
+                        .prs()
+                        .get(m.from)
+                        .is_some_and(|p| p.matched == raft.raft_log.last_index())
+            }
+            _ => false,
+        }
     }
 
     pub fn send_raft_messages(&mut self, ctx: &StoreContext<E>, msgs: Vec<eraftpb::Message>) {
@@ -1077,11 +1139,6 @@ impl<E: KvEngine> Peer<E> {
         };
         ctx.schedule_pd(crate::pd_worker::PdTask::Heartbeat(Box::new(req)));
     }
-}
-
-/// Messages that do not need a hibernating peer to wake (none of raft's do).
-fn is_hibernation_safe(_m: &eraftpb::Message) -> bool {
-    false
 }
 
 fn validate_split(region: &metapb::Region, cmd: &RaftCmdRequest) -> Result<()> {

@@ -14,7 +14,7 @@ use crate::pd_worker::PdTask;
 use crate::snap::SnapManager;
 use crate::storage;
 use crate::transport::Transport;
-use crate::worker::{self, RegionTask, SplitCheckTask};
+use crate::worker::{self, RegionTask, SplitCheckMsg};
 use crate::{util, Config, Error, Result};
 use atoll_engine::{KvEngine, WriteBatch, CF_RAFT, DATA_CFS};
 use atoll_pd_client::PdClient;
@@ -43,7 +43,7 @@ pub struct StoreContext<E: KvEngine> {
     pub trans: Arc<dyn Transport>,
     pub pd_tx: tokio::sync::mpsc::Sender<PdTask>,
     pub region_tx: Sender<RegionTask<E>>,
-    pub split_tx: Sender<SplitCheckTask<E>>,
+    pub split_tx: Sender<SplitCheckMsg<E>>,
     pub snap_mgr: SnapManager,
     pub metrics: StoreMetrics,
     pub logger: slog::Logger,
@@ -312,14 +312,11 @@ impl<E: KvEngine> RaftStore<E> {
         }
         let _ = self.ctx.store_tx.send(StoreMsg::Stop);
         let _ = self.ctx.region_tx.send(RegionTask::Stop);
+        let _ = self.ctx.split_tx.send(SplitCheckMsg::Stop);
         self.raft_system.shutdown();
         self.apply_system.shutdown();
         let threads: Vec<_> = std::mem::take(&mut *self.threads.lock());
-        // The split checker exits when its queue closes; nudge it by dropping our router refs.
         for t in threads {
-            if t.thread().name() == Some("split-check") {
-                continue;
-            }
             let _ = t.join();
         }
         self.ctx.router.close_all();

@@ -33,6 +33,11 @@ pub enum RegionTask<E: KvEngine> {
     Stop,
 }
 
+pub enum SplitCheckMsg<E: KvEngine> {
+    Check(SplitCheckTask<E>),
+    Stop,
+}
+
 pub struct SplitCheckTask<E: KvEngine> {
     pub region: metapb::Region,
     pub snap: E::Snapshot,
@@ -167,8 +172,8 @@ pub fn resume_snapshot_apply<E: KvEngine>(
     apply_snapshot(ctx, region, &meta, &apply_state)
 }
 
-pub fn run_split_checker<E: KvEngine>(ctx: Arc<StoreContext<E>>, rx: Receiver<SplitCheckTask<E>>) {
-    while let Ok(task) = rx.recv() {
+pub fn run_split_checker<E: KvEngine>(ctx: Arc<StoreContext<E>>, rx: Receiver<SplitCheckMsg<E>>) {
+    while let Ok(SplitCheckMsg::Check(task)) = rx.recv() {
         let region_id = task.region.id;
         let epoch = util::epoch(&task.region);
         let msg = match check_split(&task) {

@@ -87,6 +87,7 @@ impl Cluster {
     }
 
     pub fn with_config(count: usize, cfg: Config) -> Self {
+        atoll_util::logging::init("warn");
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -603,6 +604,15 @@ impl Cluster {
                     .await
                 });
                 if let Ok(Ok(resp)) = r {
+                    // The callback fires when the split is applied; the stores learn of the
+                    // new regions right after. Wait until every one is known.
+                    let ok = wait_until(Duration::from_secs(10), || {
+                        resp.regions.iter().all(|r| {
+                            self.region_by_id(r.id)
+                                .is_some_and(|x| x.region_epoch == r.region_epoch)
+                        })
+                    });
+                    assert!(ok, "split regions never showed up in the stores");
                     return resp.regions;
                 }
             }
