@@ -362,22 +362,25 @@ pub async fn run(c: Arc<Client>, a: BenchArgs) -> anyhow::Result<Value> {
     }
     let seconds = measure_start.elapsed().as_secs_f64();
     let ops = stats.ops.load(Ordering::Relaxed);
-    let h = stats.hist.lock();
-    let ms = |q: f64| {
-        if ops == 0 {
-            0.0
-        } else {
-            (h.value_at_quantile(q) as f64 / 1000.0 * 1000.0).round() / 1000.0
-        }
+    let (p50, p99, p999) = {
+        let h = stats.hist.lock();
+        let ms = |q: f64| {
+            if ops == 0 {
+                0.0
+            } else {
+                (h.value_at_quantile(q) as f64).round() / 1000.0
+            }
+        };
+        (ms(0.50), ms(0.99), ms(0.999))
     };
     let mut out = json!({
         "workload": format!("{:?}", a.workload).to_lowercase(),
         "ops": ops,
         "seconds": (seconds * 1000.0).round() / 1000.0,
         "ops_per_sec": ((ops as f64 / seconds.max(1e-9)) * 10.0).round() / 10.0,
-        "p50_ms": ms(0.50),
-        "p99_ms": ms(0.99),
-        "p999_ms": ms(0.999),
+        "p50_ms": p50,
+        "p99_ms": p99,
+        "p999_ms": p999,
         "errors": stats.errors.load(Ordering::Relaxed),
         "clients": a.clients,
         "key_size": a.key_size,
@@ -385,7 +388,6 @@ pub async fn run(c: Arc<Client>, a: BenchArgs) -> anyhow::Result<Value> {
         "keys": keys,
         "seed": seed,
     });
-    drop(h);
     if let Some(e) = stats.first_error.lock().clone() {
         eprintln!("kvctl bench: first error: {e}");
         extra.insert("first_error".into(), json!(e));

@@ -270,7 +270,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let mut arr = vec![];
             for r in regions {
                 let g = &r.region;
-                let e = g.region_epoch.clone().unwrap_or_default();
+                let e = g.region_epoch.unwrap_or_default();
                 let peers: Vec<Value> = g
                     .peers
                     .iter()

@@ -443,7 +443,6 @@ impl Cluster {
             .ok_or_else(|| PdError::Invalid("heartbeat without region".into()))?;
         let leader = req
             .leader
-            .clone()
             .ok_or_else(|| PdError::Invalid("heartbeat without leader".into()))?;
         if region.id == 0
             || region.region_epoch.is_none()
@@ -466,7 +465,7 @@ impl Cluster {
         }
         let rec = RegionRecord {
             region: Some(region.clone()),
-            leader: Some(leader.clone()),
+            leader: Some(leader),
         };
         let upd = self.node.state.write().regions.update(rec.clone());
         if upd.stale {
@@ -643,7 +642,7 @@ impl Cluster {
                 let stat = v.region_stats.get(&region.id).cloned().unwrap_or_default();
                 Some(RegionView {
                     region,
-                    leader: rec.leader.clone(),
+                    leader: rec.leader,
                     approximate_size: stat.approximate_size,
                     down_peers: stat.down_peers,
                     pending_peers: stat.pending_peers,

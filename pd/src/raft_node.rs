@@ -161,8 +161,10 @@ impl Storage for PdStorage {
                 StorageError::SnapshotTemporarilyUnavailable,
             ));
         }
-        let mut s = Snapshot::default();
-        s.data = st.dump().encode_to_vec().into();
+        let mut s = Snapshot {
+            data: st.dump().encode_to_vec().into(),
+            ..Default::default()
+        };
         let md = s.mut_metadata();
         md.index = st.applied_index;
         md.term = st.applied_term;

@@ -58,7 +58,7 @@ pub struct RegionUpdate {
 }
 
 fn epoch(r: &metapb::Region) -> metapb::RegionEpoch {
-    r.region_epoch.clone().unwrap_or_default()
+    r.region_epoch.unwrap_or_default()
 }
 
 impl RegionTree {
@@ -189,7 +189,7 @@ impl RegionTree {
         }
         let mut rec = rec;
         if rec.leader.is_none() {
-            rec.leader = self.regions.get(&region.id).and_then(|o| o.leader.clone());
+            rec.leader = self.regions.get(&region.id).and_then(|o| o.leader);
         }
         self.by_start.insert(region.start_key.clone(), region.id);
         self.regions.insert(region.id, rec);

@@ -42,53 +42,59 @@ type RespResult<T> = Result<T, Status>;
 
 /// Why a command did not run: a region error for the client to act on, or a key error.
 enum Fail {
-    Region(errorpb::Error),
-    Key(KeyError),
+    Region(Box<errorpb::Error>),
+    Key(Box<KeyError>),
     /// Several keys failed (prewrite reports every lock it met).
     Keys(Vec<KeyError>),
 }
 
+impl Fail {
+    fn region(e: atoll_raftstore::Error) -> Fail {
+        Fail::Region(Box::new(e.into()))
+    }
+}
+
 impl From<atoll_raftstore::Error> for Fail {
     fn from(e: atoll_raftstore::Error) -> Self {
-        Fail::Region(e.into())
+        Fail::Region(Box::new(e.into()))
     }
 }
 
 impl From<atoll_txn::Error> for Fail {
     fn from(e: atoll_txn::Error) -> Self {
-        Fail::Key(e.to_key_error())
+        Fail::Key(Box::new(e.to_key_error()))
     }
 }
 
 impl From<atoll_engine::Error> for Fail {
     fn from(e: atoll_engine::Error) -> Self {
-        Fail::Key(KeyError {
+        Fail::Key(Box::new(KeyError {
             abort: format!("engine: {e}"),
             ..Default::default()
-        })
+        }))
     }
 }
 
 fn abort(msg: impl Into<String>) -> Fail {
-    Fail::Key(KeyError {
+    Fail::Key(Box::new(KeyError {
         abort: msg.into(),
         ..Default::default()
-    })
+    }))
 }
 
 /// Fills a response's region error or key error from a failure.
 macro_rules! fail_into {
     ($resp:expr, $f:expr, key) => {
         match $f {
-            Fail::Region(e) => $resp.region_error = Some(e),
-            Fail::Key(e) => $resp.error = Some(e),
+            Fail::Region(e) => $resp.region_error = Some(*e),
+            Fail::Key(e) => $resp.error = Some(*e),
             Fail::Keys(mut es) => $resp.error = es.drain(..).next(),
         }
     };
     ($resp:expr, $f:expr, keys) => {
         match $f {
-            Fail::Region(e) => $resp.region_error = Some(e),
-            Fail::Key(e) => $resp.errors = vec![e],
+            Fail::Region(e) => $resp.region_error = Some(*e),
+            Fail::Key(e) => $resp.errors = vec![*e],
             Fail::Keys(es) => $resp.errors = es,
         }
     };
@@ -117,22 +123,19 @@ pub struct Storage<E: KvEngine> {
 fn header(ctx: &Context) -> RaftRequestHeader {
     RaftRequestHeader {
         region_id: ctx.region_id,
-        peer: ctx.peer.clone(),
-        region_epoch: ctx.region_epoch.clone(),
+        peer: ctx.peer,
+        region_epoch: ctx.region_epoch,
         keys: vec![],
     }
 }
 
 fn key_not_in_region(key: &[u8], r: &metapb::Region) -> Fail {
-    Fail::Region(
-        atoll_raftstore::Error::KeyNotInRegion {
-            key: key.to_vec(),
-            region_id: r.id,
-            start_key: r.start_key.clone(),
-            end_key: r.end_key.clone(),
-        }
-        .into(),
-    )
+    Fail::region(atoll_raftstore::Error::KeyNotInRegion {
+        key: key.to_vec(),
+        region_id: r.id,
+        start_key: r.start_key.clone(),
+        end_key: r.end_key.clone(),
+    })
 }
 
 fn check_in_region(keys: &[&[u8]], r: &metapb::Region) -> Result<(), Fail> {
@@ -240,13 +243,10 @@ impl<E: KvEngine> Storage<E> {
     fn check_store(&self, ctx: &Context) -> Result<(), Fail> {
         if let Some(p) = &ctx.peer {
             if p.store_id != 0 && p.store_id != self.router.store_id() {
-                return Err(Fail::Region(
-                    atoll_raftstore::Error::StoreNotMatch {
-                        request_store_id: p.store_id,
-                        actual_store_id: self.router.store_id(),
-                    }
-                    .into(),
-                ));
+                return Err(Fail::region(atoll_raftstore::Error::StoreNotMatch {
+                    request_store_id: p.store_id,
+                    actual_store_id: self.router.store_id(),
+                }));
             }
         }
         Ok(())
@@ -284,12 +284,9 @@ impl<E: KvEngine> Storage<E> {
                     break;
                 }
                 if Instant::now() >= deadline {
-                    return Err(Fail::Region(
-                        atoll_raftstore::Error::ServerIsBusy(
-                            "writes in flight on the keys read".into(),
-                        )
-                        .into(),
-                    ));
+                    return Err(Fail::region(atoll_raftstore::Error::ServerIsBusy(
+                        "writes in flight on the keys read".into(),
+                    )));
                 }
                 tokio::time::sleep(Duration::from_millis(1)).await;
             }
@@ -299,8 +296,8 @@ impl<E: KvEngine> Storage<E> {
                 return Err(abort("unsafe_local_read is disabled on this store"));
             }
             // Deliberately unsafe (test-only): whatever this peer has applied, leader or not.
-            let region = self.router.region(ctx.region_id).ok_or(Fail::Region(
-                atoll_raftstore::Error::RegionNotFound(ctx.region_id).into(),
+            let region = self.router.region(ctx.region_id).ok_or(Fail::region(
+                atoll_raftstore::Error::RegionNotFound(ctx.region_id),
             ))?;
             return Ok(RegionSnapshot {
                 snap: self.router.engine().snapshot(),
@@ -332,8 +329,8 @@ impl<E: KvEngine> Storage<E> {
         let cmd = RaftCmdRequest {
             header: Some(RaftRequestHeader {
                 region_id: region.id,
-                peer: ctx.peer.clone(),
-                region_epoch: region.region_epoch.clone(),
+                peer: ctx.peer,
+                region_epoch: region.region_epoch,
                 keys: vec![],
             }),
             requests: to_requests(mods),
@@ -350,11 +347,11 @@ impl<E: KvEngine> Storage<E> {
             return Ok(());
         }
         let ts = self.pd.get_tso().await.map_err(|e| {
-            Fail::Region(errorpb::Error {
+            Fail::Region(Box::new(errorpb::Error {
                 message: format!("cannot sync max_ts with PD: {e}"),
                 max_timestamp_not_synced: Some(errorpb::MaxTimestampNotSynced {}),
                 ..Default::default()
-            })
+            }))
         })?;
         self.cm.update_max_ts(ts);
         self.synced.lock().insert(region_id, term);
@@ -467,10 +464,9 @@ impl<E: KvEngine> Storage<E> {
             // Clip to the region; a range starting outside it was routed with a stale view.
             if !atoll_keys::in_range(&req.start_key, &region.start_key, &region.end_key)
                 && req.start_key != region.start_key
+                && !(req.reverse && req.start_key < region.start_key)
             {
-                if !(req.reverse && req.start_key < region.start_key) {
-                    return Err(key_not_in_region(&req.start_key, region));
-                }
+                return Err(key_not_in_region(&req.start_key, region));
             }
             let start = if req.start_key.as_slice() < region.start_key.as_slice() {
                 region.start_key.clone()
@@ -574,8 +570,8 @@ impl<E: KvEngine> Storage<E> {
             "failpoint: plain write refused"
         )));
         self.propose(ctx, &snap.region, txn.into_modifies()).await?;
-        fail::fail_point!(FP_AFTER_WRITE_APPLIED, |_| Err(Fail::Region(
-            atoll_raftstore::Error::StaleCommand.into()
+        fail::fail_point!(FP_AFTER_WRITE_APPLIED, |_| Err(Fail::region(
+            atoll_raftstore::Error::StaleCommand
         )));
         Ok((commit_ts, answer))
     }
@@ -961,7 +957,7 @@ impl<E: KvEngine> Storage<E> {
         let r = self
             .txn_cmd(
                 &ctx,
-                &[req.primary_key.clone()],
+                std::slice::from_ref(&req.primary_key),
                 req.lock_ts,
                 |txn, reader, _| {
                     self.cm.update_max_ts(req.lock_ts);
@@ -1090,7 +1086,7 @@ impl<E: KvEngine> Storage<E> {
         let r = self
             .txn_cmd(
                 &ctx,
-                &[req.primary_lock.clone()],
+                std::slice::from_ref(&req.primary_lock),
                 req.start_version,
                 |txn, reader, _| {
                     Ok(atoll_txn::txn_heart_beat(
@@ -1223,7 +1219,7 @@ impl<E: KvEngine> Storage<E> {
         }
         let mut resp = SplitRegionResponse::default();
         if let Err(Fail::Region(e)) = self.check_store(&ctx) {
-            resp.region_error = Some(e);
+            resp.region_error = Some(*e);
             return Ok(resp);
         }
         let mut keys = req.split_keys.clone();
@@ -1231,11 +1227,7 @@ impl<E: KvEngine> Storage<E> {
         keys.dedup();
         match self
             .router
-            .split_async(
-                ctx.region_id,
-                ctx.region_epoch.clone().unwrap_or_default(),
-                keys,
-            )
+            .split_async(ctx.region_id, ctx.region_epoch.unwrap_or_default(), keys)
             .await
         {
             Ok(w) => resp.regions = w.regions,
@@ -1288,7 +1280,7 @@ impl<E: KvEngine> Storage<E> {
                 }
                 let ctx = Context {
                     region_id: region.id,
-                    region_epoch: region.region_epoch.clone(),
+                    region_epoch: region.region_epoch,
                     peer: None,
                     ..Default::default()
                 };

@@ -441,6 +441,7 @@ fn run_check(mut groups: Vec<(&str, KeyOps<'_>)>, opts: &CheckOptions) -> Report
 // ---------------------------------------------------------------------------
 
 const NIL: u32 = u32::MAX;
+pub static PUSHES: [AtomicUsize; 16] = [const { AtomicUsize::new(0) }; 16];
 /// `restrict` value meaning "the last step was not an Unknown write".
 const UNRESTRICTED: u32 = u32::MAX;
 
@@ -1380,6 +1381,10 @@ impl<'p, 'a> Search<'p, 'a> {
     /// Tries to linearize `op` next; on success pushes a frame.
     fn try_push(&mut self, op: u32) -> bool {
         let o = &self.p.ops[op as usize];
+        {
+            let k = match o.step { Step::Read(_) => 0, Step::Write(v) if v == UNREAD => 1, Step::Write(_) => 2, Step::Cas{..} => 3, Step::CasFail{..} => 4 } + if o.unknown { 5 } else { 0 } + if o.op.kind == OpKind::Delete { 4 } else { 0 };
+            PUSHES[k].fetch_add(1, Ordering::Relaxed);
+        }
         let unknown = o.unknown;
         let Some(next) = o.step.apply(self.state) else {
             return false;
@@ -1486,11 +1491,13 @@ impl<'p, 'a> Search<'p, 'a> {
             }
             u = self.uk_next[u as usize];
         }
-        if !self.wanted.is_empty() {
+        {
             let (ops, wanted) = (&self.p.ops, &self.wanted);
+            let mode = std::env::var("ORD").map(|v| v.parse::<u32>().unwrap()).unwrap_or(0);
             self.cands[start..].sort_by_key(|&op| {
                 let written = ops[op as usize].step.written();
-                !written.is_some_and(|w| wanted.contains(&w))
+                let w = !written.is_some_and(|w| wanted.contains(&w));
+                match mode { 0 => (w, 0), 1 => (w, ops[op as usize].complete), 2 => (false, ops[op as usize].complete), _ => (false, 0) }
             });
             self.wanted.clear();
         }
@@ -2913,6 +2920,10 @@ mod tests {
             let report = check(&history, &CheckOptions::default());
             let max = report.keys.iter().map(|k| k.states_explored).max().unwrap();
             println!("seed {seed}: {:?} ok={} inconclusive={} max states {max}", start.elapsed(), report.is_linearizable(), report.inconclusive().len());
+            println!("pushes R,UW,W,CAS,CF / unknown: {:?}", PUSHES.iter().map(|x| x.swap(0, Ordering::Relaxed)).collect::<Vec<_>>());
+            let mut kinds = [0usize; 10];
+            for o in &history { let k = match (&o.kind, &o.outcome) { (_, Outcome::Failed) => 9, (OpKind::Get, _) => 0, (OpKind::Put(_), _) => 2, (OpKind::Delete, _) => 2, (OpKind::Cas{..}, Outcome::CasOk(true)) => 3, (OpKind::Cas{..}, Outcome::CasOk(false)) => 4, _ => 8 }; kinds[k] += 1; }
+            println!("history kinds {kinds:?}");
         }
     }
 }

@@ -56,7 +56,7 @@ fn one_write_per_region_costs_rounds_not_regions() {
             header: Some(atoll_proto::raft_cmdpb::RaftRequestHeader {
                 region_id: region.id,
                 peer: None,
-                region_epoch: region.region_epoch.clone(),
+                region_epoch: region.region_epoch,
                 keys: vec![],
             }),
             requests: vec![atoll_proto::raft_cmdpb::Request {

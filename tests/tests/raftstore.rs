@@ -75,7 +75,7 @@ fn partitioned_minority_serves_nothing() {
         header: Some(atoll_proto::raft_cmdpb::RaftRequestHeader {
             region_id: 1,
             peer: None,
-            region_epoch: region.region_epoch.clone(),
+            region_epoch: region.region_epoch,
             keys: vec![],
         }),
         requests: vec![atoll_proto::raft_cmdpb::Request {
@@ -100,7 +100,7 @@ fn partitioned_minority_serves_nothing() {
     let header = atoll_proto::raft_cmdpb::RaftRequestHeader {
         region_id: 1,
         peer: None,
-        region_epoch: region.region_epoch.clone(),
+        region_epoch: region.region_epoch,
         keys: vec![],
     };
     let r = c.runtime.block_on(async {
@@ -237,13 +237,12 @@ fn add_and_remove_peers() {
     assert_eq!(region.peers.len(), 4);
     // Remove a non-leader peer.
     let leader = c.wait_leader(1, Duration::from_secs(10)).unwrap();
-    let victim = region
+    let victim = *region
         .peers
         .iter()
         .find(|p| p.store_id != leader && p.store_id != 4)
-        .unwrap()
-        .clone();
-    c.must_remove_peer(1, victim.clone());
+        .unwrap();
+    c.must_remove_peer(1, victim);
     assert!(
         wait_until(Duration::from_secs(20), || c
             .router(victim.store_id)

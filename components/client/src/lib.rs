@@ -271,8 +271,8 @@ impl Client {
             let client = self.conn(&addr)?;
             let ctx = kvrpcpb::Context {
                 region_id: region.region.id,
-                region_epoch: region.region.region_epoch.clone(),
-                peer: Some(peer.clone()),
+                region_epoch: region.region.region_epoch,
+                peer: Some(peer),
                 ..Default::default()
             };
             let left = deadline

@@ -21,7 +21,6 @@ impl CachedRegion {
     /// The peer to send to: the known leader, else a voter.
     pub fn target(&self) -> Option<metapb::Peer> {
         self.leader
-            .clone()
             .or_else(|| self.region.peers.iter().find(|p| p.role == 0).cloned())
     }
 }
@@ -188,7 +187,7 @@ impl RegionCache {
         if let Some(nl) = &e.not_leader {
             return match &nl.leader {
                 Some(l) if l.id != 0 => {
-                    self.update_leader(region.region.id, l.clone());
+                    self.update_leader(region.region.id, *l);
                     true
                 }
                 _ => {

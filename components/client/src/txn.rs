@@ -284,7 +284,7 @@ impl Transaction {
         // commit timestamp past ours: take a newer one.
         loop {
             match self
-                .commit_keys(&[primary.clone()], commit_ts, deadline)
+                .commit_keys(std::slice::from_ref(&primary), commit_ts, deadline)
                 .await
             {
                 Ok(()) => break,

@@ -412,12 +412,9 @@ impl PdClient for RpcPdClient {
     async fn is_cluster_bootstrapped(&self) -> Result<bool> {
         let h = self.header();
         let r = self
-            .call(|mut c| {
-                let h = h.clone();
-                async move {
-                    c.is_bootstrapped(pdpb::IsBootstrappedRequest { header: h })
-                        .await
-                }
+            .call(|mut c| async move {
+                c.is_bootstrapped(pdpb::IsBootstrappedRequest { header: h })
+                    .await
             })
             .await?;
         Ok(r.bootstrapped)
@@ -427,7 +424,7 @@ impl PdClient for RpcPdClient {
         let h = self.header();
         self.call(|mut c| {
             let req = pdpb::BootstrapRequest {
-                header: h.clone(),
+                header: h,
                 store: Some(store.clone()),
                 region: Some(region.clone()),
             };
@@ -440,10 +437,9 @@ impl PdClient for RpcPdClient {
     async fn alloc_ids(&self, count: u32) -> Result<u64> {
         let h = self.header();
         let r = self
-            .call(|mut c| {
-                let h = h.clone();
-                async move { c.alloc_id(pdpb::AllocIdRequest { header: h, count }).await }
-            })
+            .call(
+                |mut c| async move { c.alloc_id(pdpb::AllocIdRequest { header: h, count }).await },
+            )
             .await?;
         Ok(r.id)
     }
@@ -452,7 +448,7 @@ impl PdClient for RpcPdClient {
         let h = self.header();
         self.call(|mut c| {
             let req = pdpb::PutStoreRequest {
-                header: h.clone(),
+                header: h,
                 store: Some(store.clone()),
             };
             async move { c.put_store(req).await }
@@ -464,15 +460,12 @@ impl PdClient for RpcPdClient {
     async fn get_store(&self, store_id: u64) -> Result<metapb::Store> {
         let h = self.header();
         let r = self
-            .call(|mut c| {
-                let h = h.clone();
-                async move {
-                    c.get_store(pdpb::GetStoreRequest {
-                        header: h,
-                        store_id,
-                    })
-                    .await
-                }
+            .call(|mut c| async move {
+                c.get_store(pdpb::GetStoreRequest {
+                    header: h,
+                    store_id,
+                })
+                .await
             })
             .await
             .map_err(|e| match e {
@@ -486,15 +479,12 @@ impl PdClient for RpcPdClient {
     async fn get_all_stores(&self, exclude_tombstone: bool) -> Result<Vec<pdpb::StoreInfo>> {
         let h = self.header();
         let r = self
-            .call(|mut c| {
-                let h = h.clone();
-                async move {
-                    c.get_all_stores(pdpb::GetAllStoresRequest {
-                        header: h,
-                        exclude_tombstone_stores: exclude_tombstone,
-                    })
-                    .await
-                }
+            .call(|mut c| async move {
+                c.get_all_stores(pdpb::GetAllStoresRequest {
+                    header: h,
+                    exclude_tombstone_stores: exclude_tombstone,
+                })
+                .await
             })
             .await?;
         Ok(r.infos)
@@ -508,8 +498,8 @@ impl PdClient for RpcPdClient {
         let store_id = stats.store_id;
         self.call(|mut c| {
             let req = pdpb::StoreHeartbeatRequest {
-                header: h.clone(),
-                stats: Some(stats.clone()),
+                header: h,
+                stats: Some(stats),
             };
             async move { c.store_heartbeat(req).await }
         })
@@ -522,15 +512,12 @@ impl PdClient for RpcPdClient {
 
     async fn delete_store(&self, store_id: u64) -> Result<()> {
         let h = self.header();
-        self.call(|mut c| {
-            let h = h.clone();
-            async move {
-                c.delete_store(pdpb::DeleteStoreRequest {
-                    header: h,
-                    store_id,
-                })
-                .await
-            }
+        self.call(|mut c| async move {
+            c.delete_store(pdpb::DeleteStoreRequest {
+                header: h,
+                store_id,
+            })
+            .await
         })
         .await
         .map_err(|e| match e {
@@ -568,7 +555,7 @@ impl PdClient for RpcPdClient {
         let r = self
             .call(|mut c| {
                 let req = pdpb::GetRegionRequest {
-                    header: h.clone(),
+                    header: h,
                     region_key: key.to_vec(),
                 };
                 async move { c.get_region(req).await }
@@ -586,7 +573,7 @@ impl PdClient for RpcPdClient {
         let r = self
             .call(|mut c| {
                 let req = pdpb::GetRegionRequest {
-                    header: h.clone(),
+                    header: h,
                     region_key: key.to_vec(),
                 };
                 async move { c.get_prev_region(req).await }
@@ -602,15 +589,12 @@ impl PdClient for RpcPdClient {
     async fn get_region_by_id(&self, region_id: u64) -> Result<Option<RegionInfo>> {
         let h = self.header();
         let r = self
-            .call(|mut c| {
-                let h = h.clone();
-                async move {
-                    c.get_region_by_id(pdpb::GetRegionByIdRequest {
-                        header: h,
-                        region_id,
-                    })
-                    .await
-                }
+            .call(|mut c| async move {
+                c.get_region_by_id(pdpb::GetRegionByIdRequest {
+                    header: h,
+                    region_id,
+                })
+                .await
             })
             .await;
         match r {
@@ -628,7 +612,7 @@ impl PdClient for RpcPdClient {
         let r = self
             .call(|mut c| {
                 let req = pdpb::ScanRegionsRequest {
-                    header: h.clone(),
+                    header: h,
                     start_key: start.to_vec(),
                     end_key: end.to_vec(),
                     limit,
@@ -656,7 +640,7 @@ impl PdClient for RpcPdClient {
         let r = self
             .call(|mut c| {
                 let req = pdpb::AskBatchSplitRequest {
-                    header: h.clone(),
+                    header: h,
                     region: Some(region.clone()),
                     split_count: count,
                 };
@@ -670,7 +654,7 @@ impl PdClient for RpcPdClient {
         let h = self.header();
         self.call(|mut c| {
             let req = pdpb::ReportBatchSplitRequest {
-                header: h.clone(),
+                header: h,
                 regions: regions.clone(),
             };
             async move { c.report_batch_split(req).await }
@@ -689,12 +673,9 @@ impl PdClient for RpcPdClient {
     async fn get_gc_safe_point(&self) -> Result<u64> {
         let h = self.header();
         let r = self
-            .call(|mut c| {
-                let h = h.clone();
-                async move {
-                    c.get_gc_safe_point(pdpb::GetGcSafePointRequest { header: h })
-                        .await
-                }
+            .call(|mut c| async move {
+                c.get_gc_safe_point(pdpb::GetGcSafePointRequest { header: h })
+                    .await
             })
             .await?;
         Ok(r.safe_point)
@@ -703,15 +684,12 @@ impl PdClient for RpcPdClient {
     async fn update_gc_safe_point(&self, safe_point: u64) -> Result<u64> {
         let h = self.header();
         let r = self
-            .call(|mut c| {
-                let h = h.clone();
-                async move {
-                    c.update_gc_safe_point(pdpb::UpdateGcSafePointRequest {
-                        header: h,
-                        safe_point,
-                    })
-                    .await
-                }
+            .call(|mut c| async move {
+                c.update_gc_safe_point(pdpb::UpdateGcSafePointRequest {
+                    header: h,
+                    safe_point,
+                })
+                .await
             })
             .await?;
         Ok(r.new_safe_point)
@@ -722,10 +700,7 @@ impl PdClient for RpcPdClient {
         let deadline = Instant::now() + self.inner.cfg.retry_deadline;
         let h = self.header();
         match self
-            .call(|mut c| {
-                let h = h.clone();
-                async move { c.get_members(pdpb::GetMembersRequest { header: h }).await }
-            })
+            .call(|mut c| async move { c.get_members(pdpb::GetMembersRequest { header: h }).await })
             .await
         {
             Ok(r) => Ok(r),
@@ -751,12 +726,9 @@ impl PdClient for RpcPdClient {
     async fn get_operators(&self) -> Result<Vec<pdpb::OperatorInfo>> {
         let h = self.header();
         let r = self
-            .call(|mut c| {
-                let h = h.clone();
-                async move {
-                    c.get_operators(pdpb::GetOperatorsRequest { header: h })
-                        .await
-                }
+            .call(|mut c| async move {
+                c.get_operators(pdpb::GetOperatorsRequest { header: h })
+                    .await
             })
             .await?;
         Ok(r.operators)

@@ -237,7 +237,7 @@ impl<E: KvEngine> ApplyFsm<E> {
                 Some(p) => p.role = PeerRole::Voter as i32,
                 None => region.peers.push(metapb::Peer {
                     role: PeerRole::Voter as i32,
-                    ..peer.clone()
+                    ..peer
                 }),
             },
             ConfChangeType::AddLearnerNode => {
@@ -249,7 +249,7 @@ impl<E: KvEngine> ApplyFsm<E> {
                 }
                 region.peers.push(metapb::Peer {
                     role: PeerRole::Learner as i32,
-                    ..peer.clone()
+                    ..peer
                 });
             }
             ConfChangeType::RemoveNode => {
@@ -309,7 +309,7 @@ impl<E: KvEngine> ApplyFsm<E> {
         let mut ep = util::epoch(&self.region);
         ep.version += splits.requests.len() as u64;
         let mut derived = self.region.clone();
-        derived.region_epoch = Some(ep.clone());
+        derived.region_epoch = Some(ep);
         let mut new_regions = vec![];
         for (i, s) in splits.requests.iter().enumerate() {
             let end = splits
@@ -332,7 +332,7 @@ impl<E: KvEngine> ApplyFsm<E> {
                 id: s.new_region_id,
                 start_key: s.split_key.clone(),
                 end_key: end,
-                region_epoch: Some(ep.clone()),
+                region_epoch: Some(ep),
                 peers,
             });
         }
@@ -383,9 +383,9 @@ impl<E: KvEngine> ApplyFsm<E> {
         let c = cmd
             .admin_request
             .as_ref()
-            .and_then(|a| a.compact_log.clone())
+            .and_then(|a| a.compact_log)
             .ok_or_else(|| Error::InvalidRequest("compact log without body".into()))?;
-        let truncated = self.apply_state.truncated_state.clone().unwrap_or_default();
+        let truncated = self.apply_state.truncated_state.unwrap_or_default();
         if c.compact_index <= truncated.index {
             return Ok(WriteResponse::default());
         }

@@ -122,8 +122,8 @@ impl<E: KvEngine> PeerFsm<E> {
     }
 
     fn on_raft_message(&mut self, ctx: &StoreContext<E>, msg: RaftMessage) {
-        let to = msg.to_peer.clone().unwrap_or_default();
-        let from = msg.from_peer.clone().unwrap_or_default();
+        let to = msg.to_peer.unwrap_or_default();
+        let from = msg.from_peer.unwrap_or_default();
         if to.id != self.peer.meta.id {
             if to.id > self.peer.meta.id {
                 // A newer peer of this region was placed on this store: this one is stale.
@@ -134,7 +134,7 @@ impl<E: KvEngine> PeerFsm<E> {
             }
             return;
         }
-        let msg_epoch = msg.region_epoch.clone().unwrap_or_default();
+        let msg_epoch = msg.region_epoch.unwrap_or_default();
         if msg.is_tombstone {
             // The sender (with a newer epoch) says this peer was removed.
             let cur = util::epoch(self.peer.region());
@@ -167,9 +167,9 @@ impl<E: KvEngine> PeerFsm<E> {
         let region = self.peer.region();
         let gc = RaftMessage {
             region_id: self.region_id(),
-            from_peer: Some(self.peer.meta.clone()),
-            to_peer: msg.from_peer.clone(),
-            region_epoch: region.region_epoch.clone(),
+            from_peer: Some(self.peer.meta),
+            to_peer: msg.from_peer,
+            region_epoch: region.region_epoch,
             start_key: region.start_key.clone(),
             end_key: region.end_key.clone(),
             is_tombstone: true,
@@ -260,7 +260,7 @@ impl<E: KvEngine> PeerFsm<E> {
                 };
                 self.peer.propose(ctx, cmd, cb);
             }
-            CasualMessage::PdOperator(resp) => self.on_pd_operator(ctx, resp),
+            CasualMessage::PdOperator(resp) => self.on_pd_operator(ctx, *resp),
             CasualMessage::StalePeer { region } => {
                 let cur = util::epoch(self.peer.region());
                 let theirs = util::epoch(&region);
@@ -277,9 +277,8 @@ impl<E: KvEngine> PeerFsm<E> {
             CasualMessage::HeartbeatPd => {
                 if self.peer.is_leader() {
                     self.peer.heartbeat_pd(ctx);
-                } else if !self.peer.hibernating || !self.peer.is_initialized() {
-                    self.peer.request_validation(ctx);
                 } else {
+                    // Asked by the store: this peer blocks a range; is it still a member?
                     self.peer.request_validation(ctx);
                 }
             }
@@ -289,8 +288,8 @@ impl<E: KvEngine> PeerFsm<E> {
     fn header(&self) -> RaftRequestHeader {
         RaftRequestHeader {
             region_id: self.region_id(),
-            peer: Some(self.peer.meta.clone()),
-            region_epoch: self.peer.region().region_epoch.clone(),
+            peer: Some(self.peer.meta),
+            region_epoch: self.peer.region().region_epoch,
             keys: vec![],
         }
     }
@@ -506,7 +505,7 @@ impl<E: KvEngine> PeerFsm<E> {
             tracing::error!(tag = %self.peer.tag, error = %e, "raft refused an applied conf change");
         }
         for p in &region.peers {
-            self.peer.peer_cache.insert(p.id, p.clone());
+            self.peer.peer_cache.insert(p.id, *p);
             self.peer
                 .peer_heartbeats
                 .entry(p.id)
@@ -580,10 +579,10 @@ impl<E: KvEngine> PeerFsm<E> {
                 }
                 mb.close();
                 ctx.router.unregister(region.id, &mb);
-                ctx.apply_router.mailbox(region.id).map(|m| {
+                if let Some(m) = ctx.apply_router.mailbox(region.id) {
                     m.close();
                     ctx.apply_router.unregister(region.id, &m);
-                });
+                }
             }
             {
                 let mut meta = ctx.meta.lock();
@@ -620,10 +619,10 @@ impl<E: KvEngine> PeerFsm<E> {
         ctx.metrics.on_snapshot("applied");
         let region = self.peer.region().clone();
         for p in &region.peers {
-            self.peer.peer_cache.insert(p.id, p.clone());
+            self.peer.peer_cache.insert(p.id, *p);
         }
         ctx.meta.lock().set_region(&region);
-        let state = self.peer.raft_group.store().apply_state.clone();
+        let state = self.peer.raft_group.store().apply_state;
         self.peer.applied_index = state.applied_index;
         self.peer.applied_term = state.applied_term;
         self.peer.last_sent_to_apply = state.applied_index;
@@ -711,7 +710,7 @@ impl<E: KvEngine> PeerFsm<E> {
         }
         {
             let mut meta = ctx.meta.lock();
-            let owns_range = meta.regions.get(&region_id).is_some();
+            let owns_range = meta.regions.contains_key(&region_id);
             if owns_range {
                 meta.remove_region(region_id);
             }
@@ -815,7 +814,7 @@ impl<E: KvEngine> PollHandler<PeerFsm<E>> for RaftPoller<E> {
             let (committed, snap) = fsm.peer.post_ready(&ctx);
             if let Some(meta) = snap {
                 let region = fsm.peer.region().clone();
-                let state = fsm.peer.raft_group.store().apply_state.clone();
+                let state = fsm.peer.raft_group.store().apply_state;
                 let task = RegionTask::ApplySnapshot {
                     region,
                     meta,

@@ -93,7 +93,7 @@ pub enum CasualMessage {
         cb: Option<WriteCallback>,
     },
     /// An operator step from PD.
-    PdOperator(pdpb::RegionHeartbeatResponse),
+    PdOperator(Box<pdpb::RegionHeartbeatResponse>),
     /// PD says this peer is no longer a member of the region (as of `region`).
     StalePeer { region: metapb::Region },
     /// Propose a log compaction up to `index` now (tests and admin).

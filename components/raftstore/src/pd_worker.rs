@@ -41,7 +41,10 @@ pub async fn run<E: KvEngine>(
         let router = ctx.router.clone();
         pd.set_heartbeat_handler(Box::new(move |resp: pdpb::RegionHeartbeatResponse| {
             let id = resp.region_id;
-            let _ = router.try_send(id, PeerMsg::Casual(CasualMessage::PdOperator(resp)));
+            let _ = router.try_send(
+                id,
+                PeerMsg::Casual(CasualMessage::PdOperator(Box::new(resp))),
+            );
         }));
     }
     let mut store_hb = tokio::time::interval(ctx.cfg.pd_store_heartbeat_interval.0);

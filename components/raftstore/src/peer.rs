@@ -113,7 +113,7 @@ impl<E: KvEngine> Peer<E> {
         let raft_group = RawNode::new(&raft_config(&ctx.cfg, meta.id, applied), storage, &logger)?;
         let mut peer_cache = HashMap::new();
         for p in &region.peers {
-            peer_cache.insert(p.id, p.clone());
+            peer_cache.insert(p.id, *p);
         }
         Ok(Peer {
             region_id: region.id,
@@ -241,9 +241,9 @@ impl<E: KvEngine> Peer<E> {
         let region = self.region();
         let msg = RaftMessage {
             region_id: self.region_id,
-            from_peer: Some(self.meta.clone()),
+            from_peer: Some(self.meta),
             to_peer: Some(to_peer),
-            region_epoch: region.region_epoch.clone(),
+            region_epoch: region.region_epoch,
             start_key: region.start_key.clone(),
             end_key: region.end_key.clone(),
             extra: extra as i32,
@@ -375,7 +375,10 @@ impl<E: KvEngine> Peer<E> {
         self.raft_group.tick();
         if self.is_leader() {
             self.retry_stale_reads(ctx);
-            if self.ticks % ctx.cfg.raft_log_gc_tick_ticks as u64 == 0 {
+            if self
+                .ticks
+                .is_multiple_of(ctx.cfg.raft_log_gc_tick_ticks as u64)
+            {
                 self.maybe_compact_log(ctx, false);
             }
             self.maybe_hibernate(ctx);
@@ -403,7 +406,7 @@ impl<E: KvEngine> Peer<E> {
             self.last_validate = Some(Instant::now());
             ctx.schedule_pd(crate::pd_worker::PdTask::ValidatePeer {
                 region: self.region().clone(),
-                peer: self.meta.clone(),
+                peer: self.meta,
             });
         }
     }
@@ -411,12 +414,12 @@ impl<E: KvEngine> Peer<E> {
     // ---------------- raft messages ----------------
 
     pub fn step(&mut self, ctx: &StoreContext<E>, msg: RaftMessage) -> Result<()> {
-        let from = msg.from_peer.clone().unwrap_or_default();
+        let from = msg.from_peer.unwrap_or_default();
         let m = eraftpb::Message::parse_from_bytes(&msg.message)?;
         if m.get_msg_type() == MessageType::MsgSnapshot && !self.check_snapshot(ctx, &m) {
             return Ok(());
         }
-        self.peer_cache.insert(from.id, from.clone());
+        self.peer_cache.insert(from.id, from);
         self.peer_heartbeats.insert(from.id, Instant::now());
         if self.hibernating && !self.is_hibernation_safe(&m) {
             tracing::trace!(tag = %self.tag, msg = ?m.get_msg_type(), from = m.from, "woken by a message");
@@ -509,9 +512,9 @@ impl<E: KvEngine> Peer<E> {
             };
             let rm = RaftMessage {
                 region_id: self.region_id,
-                from_peer: Some(self.meta.clone()),
+                from_peer: Some(self.meta),
                 to_peer: Some(to_peer),
-                region_epoch: region.region_epoch.clone(),
+                region_epoch: region.region_epoch,
                 start_key: region.start_key.clone(),
                 end_key: region.end_key.clone(),
                 message: bytes,
@@ -616,7 +619,7 @@ impl<E: KvEngine> Peer<E> {
                     return Err((e, Some(cb)));
                 }
                 let cp = admin.and_then(|a| a.change_peer).unwrap_or_default();
-                let peer = cp.peer.clone().unwrap_or_default();
+                let peer = cp.peer.unwrap_or_default();
                 let kind = atoll_proto::raft_cmdpb::ConfChangeType::try_from(cp.change_type)
                     .unwrap_or(atoll_proto::raft_cmdpb::ConfChangeType::AddNode);
                 if let Err(e) = self.check_conf_change(&region, kind, &peer) {
@@ -783,7 +786,7 @@ impl<E: KvEngine> Peer<E> {
         }
         self.wake(ctx);
         self.pending_reads
-            .push((header.region_epoch.clone().unwrap_or_default(), cb));
+            .push((header.region_epoch.unwrap_or_default(), cb));
     }
 
     /// Issues one read index request for every read queued this round (once the leader has
@@ -928,8 +931,8 @@ impl<E: KvEngine> Peer<E> {
         let cmd = RaftCmdRequest {
             header: Some(RaftRequestHeader {
                 region_id: self.region_id,
-                peer: Some(self.meta.clone()),
-                region_epoch: region.region_epoch.clone(),
+                peer: Some(self.meta),
+                region_epoch: region.region_epoch,
                 keys: vec![],
             }),
             requests: vec![],
@@ -1078,7 +1081,7 @@ impl<E: KvEngine> Peer<E> {
         let mut meta = ctx.meta.lock();
         let d = crate::meta::ReadDelegate {
             region: Arc::new(self.region().clone()),
-            peer: self.meta.clone(),
+            peer: self.meta,
             term,
             leader_ready: ready,
             leader: self.leader(),
@@ -1111,21 +1114,21 @@ impl<E: KvEngine> Peer<E> {
                 let d = now.duration_since(*t);
                 if d >= down_after {
                     down_peers.push(atoll_proto::pdpb::PeerStats {
-                        peer: Some(p.clone()),
+                        peer: Some(*p),
                         down_seconds: d.as_secs(),
                     });
                 }
             }
             if let Some(pr) = self.raft_group.raft.prs().get(p.id) {
                 if pr.matched < truncated {
-                    pending_peers.push(p.clone());
+                    pending_peers.push(*p);
                 }
             }
         }
         let req = atoll_proto::pdpb::RegionHeartbeatRequest {
             header: None,
             region: Some(self.region().clone()),
-            leader: Some(self.meta.clone()),
+            leader: Some(self.meta),
             down_peers,
             pending_peers,
             bytes_written: std::mem::take(&mut self.written_bytes),

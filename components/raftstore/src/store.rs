@@ -82,9 +82,9 @@ impl<E: KvEngine> StoreContext<E> {
         peer: metapb::Peer,
         campaign: bool,
     ) -> Result<()> {
-        let mut fsm = PeerFsm::create(self, region.clone(), peer.clone())?;
+        let mut fsm = PeerFsm::create(self, region.clone(), peer)?;
         fsm.peer.campaign_on_start = campaign;
-        let apply_state = fsm.peer.raft_group.store().apply_state.clone();
+        let apply_state = fsm.peer.raft_group.store().apply_state;
         self.apply_router.register(
             region.id,
             ApplyFsm::new(region.clone(), peer.id, apply_state),
@@ -100,12 +100,12 @@ impl<E: KvEngine> StoreContext<E> {
     }
 
     fn create_uninitialized_peer(&self, region_id: u64, peer: metapb::Peer) -> Result<()> {
-        let fsm = PeerFsm::create_uninitialized(self, region_id, peer.clone())?;
+        let fsm = PeerFsm::create_uninitialized(self, region_id, peer)?;
         let region = metapb::Region {
             id: region_id,
             ..Default::default()
         };
-        let apply_state = fsm.peer.raft_group.store().apply_state.clone();
+        let apply_state = fsm.peer.raft_group.store().apply_state;
         self.apply_router
             .register(region_id, ApplyFsm::new(region, peer.id, apply_state));
         self.router.register(region_id, fsm);
@@ -266,8 +266,8 @@ impl<E: KvEngine> RaftStore<E> {
                 worker::resume_snapshot_apply(ctx, &region)?;
             }
             ctx.meta.lock().set_region(&region);
-            let fsm = PeerFsm::create(ctx, region.clone(), peer.clone())?;
-            let apply_state = fsm.peer.raft_group.store().apply_state.clone();
+            let fsm = PeerFsm::create(ctx, region.clone(), peer)?;
+            let apply_state = fsm.peer.raft_group.store().apply_state;
             ctx.apply_router.register(
                 region.id,
                 ApplyFsm::new(region.clone(), peer.id, apply_state),
@@ -427,7 +427,7 @@ fn may_create_region(msg: &RaftMessage) -> bool {
 
 fn maybe_create_peer<E: KvEngine>(ctx: &Arc<StoreContext<E>>, msg: RaftMessage) {
     let region_id = msg.region_id;
-    let Some(to) = msg.to_peer.clone() else {
+    let Some(to) = msg.to_peer else {
         return;
     };
     if to.store_id != ctx.store_id {
@@ -449,7 +449,7 @@ fn maybe_create_peer<E: KvEngine>(ctx: &Arc<StoreContext<E>>, msg: RaftMessage) 
         Ok(Some(s)) if s.state == PeerState::Tombstone as i32 => {
             let tomb = s.region.unwrap_or_default();
             let tomb_epoch = util::epoch(&tomb);
-            let msg_epoch = msg.region_epoch.clone().unwrap_or_default();
+            let msg_epoch = msg.region_epoch.unwrap_or_default();
             let tomb_peer = util::find_peer(&tomb, ctx.store_id).map_or(0, |p| p.id);
             if msg_epoch.conf_ver <= tomb_epoch.conf_ver && to.id <= tomb_peer.max(1) {
                 ctx.metrics.on_dropped("tombstone");
@@ -637,7 +637,7 @@ impl<E: KvEngine> RaftRouter<E> {
         if d.term == 0 {
             return Err(Error::NotLeader {
                 region_id,
-                leader: d.leader.clone(),
+                leader: d.leader,
             });
         }
         if !d.leader_ready {
@@ -658,7 +658,7 @@ impl<E: KvEngine> RaftRouter<E> {
     pub fn region_for_key(&self, key: &[u8]) -> Option<(metapb::Region, Option<metapb::Peer>)> {
         let meta = self.ctx.meta.lock();
         let r = meta.region_for_key(key)?.clone();
-        let leader = meta.readers.get(&r.id).and_then(|d| d.leader.clone());
+        let leader = meta.readers.get(&r.id).and_then(|d| d.leader);
         Some((r, leader))
     }
 
@@ -686,7 +686,7 @@ impl<E: KvEngine> RaftRouter<E> {
             .lock()
             .readers
             .get(&region_id)
-            .and_then(|d| d.leader.clone())
+            .and_then(|d| d.leader)
     }
 
     pub fn is_leader(&self, region_id: u64) -> bool {

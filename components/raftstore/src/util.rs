@@ -33,7 +33,7 @@ pub fn find_peer_by_id(region: &metapb::Region, peer_id: u64) -> Option<&metapb:
 }
 
 pub fn epoch(region: &metapb::Region) -> metapb::RegionEpoch {
-    region.region_epoch.clone().unwrap_or_default()
+    region.region_epoch.unwrap_or_default()
 }
 
 /// Whether `a` is older than `b` in either dimension.

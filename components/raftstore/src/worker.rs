@@ -111,13 +111,17 @@ fn gen_snapshot<E: KvEngine>(
         key_count: count,
         generation_id: 0,
     };
-    let mut s = Snapshot::default();
-    let mut md = SnapshotMetadata::default();
-    md.index = index;
-    md.term = term;
+    let mut md = SnapshotMetadata {
+        index,
+        term,
+        ..Default::default()
+    };
     md.set_conf_state(util::conf_state_from_region(region));
+    let mut s = Snapshot {
+        data: prost::Message::encode_to_vec(&meta).into(),
+        ..Default::default()
+    };
     s.set_metadata(md);
-    s.data = prost::Message::encode_to_vec(&meta).into();
     Ok(s)
 }
 
@@ -202,8 +206,9 @@ pub fn check_split<S: Iterable>(
     let (start, end) = util::data_bounds(region);
     let mut total_size = 0u64;
     let mut total_keys = 0u64;
-    // Per column family: (size, keys, samples of (cumulative size, cumulative keys, user key)).
-    let mut best: Option<(u64, Vec<(u64, u64, Vec<u8>)>)> = None;
+    // Per column family: (size, samples of (cumulative size, cumulative keys, user key)).
+    type Samples = Vec<(u64, u64, Vec<u8>)>;
+    let mut best: Option<(u64, Samples)> = None;
     let sample_every = (task.split_size / 16).max(1);
     for cf in DATA_CFS {
         let mut it = task.snap.iterator_cf(

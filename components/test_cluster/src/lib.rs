@@ -255,8 +255,8 @@ impl Cluster {
             if let Some((r, _)) = n.router.region_for_key(key) {
                 let newer = best.as_ref().is_none_or(|b| {
                     let (be, re) = (
-                        b.region_epoch.clone().unwrap_or_default(),
-                        r.region_epoch.clone().unwrap_or_default(),
+                        b.region_epoch.unwrap_or_default(),
+                        r.region_epoch.unwrap_or_default(),
                     );
                     re.version > be.version
                         || (re.version == be.version && re.conf_ver > be.conf_ver)
@@ -275,8 +275,8 @@ impl Cluster {
             if let Some(r) = n.router.region(region_id) {
                 let newer = best.as_ref().is_none_or(|b| {
                     let (be, re) = (
-                        b.region_epoch.clone().unwrap_or_default(),
-                        r.region_epoch.clone().unwrap_or_default(),
+                        b.region_epoch.unwrap_or_default(),
+                        r.region_epoch.unwrap_or_default(),
                     );
                     re.version > be.version || re.conf_ver > be.conf_ver
                 });
@@ -312,7 +312,7 @@ impl Cluster {
         RaftRequestHeader {
             region_id: region.id,
             peer: None,
-            region_epoch: region.region_epoch.clone(),
+            region_epoch: region.region_epoch,
             keys: vec![],
         }
     }
@@ -491,7 +491,7 @@ impl Cluster {
                     cmd_type: AdminCmdType::ChangePeer as i32,
                     change_peer: Some(raft_cmdpb::ChangePeerRequest {
                         change_type: kind as i32,
-                        peer: Some(peer.clone()),
+                        peer: Some(peer),
                     }),
                     ..Default::default()
                 },
@@ -518,29 +518,17 @@ impl Cluster {
             store_id,
             role: 1,
         };
-        self.change_peer(
-            region_id,
-            raft_cmdpb::ConfChangeType::AddLearnerNode,
-            peer.clone(),
-        )
-        .unwrap_or_else(|e| panic!("add learner on store {store_id}: {e}"));
+        self.change_peer(region_id, raft_cmdpb::ConfChangeType::AddLearnerNode, peer)
+            .unwrap_or_else(|e| panic!("add learner on store {store_id}: {e}"));
         let voter = metapb::Peer { role: 0, ..peer };
-        self.change_peer(
-            region_id,
-            raft_cmdpb::ConfChangeType::AddNode,
-            voter.clone(),
-        )
-        .unwrap_or_else(|e| panic!("promote learner on store {store_id}: {e}"));
+        self.change_peer(region_id, raft_cmdpb::ConfChangeType::AddNode, voter)
+            .unwrap_or_else(|e| panic!("promote learner on store {store_id}: {e}"));
         voter
     }
 
     pub fn must_remove_peer(&self, region_id: u64, peer: metapb::Peer) {
-        self.change_peer(
-            region_id,
-            raft_cmdpb::ConfChangeType::RemoveNode,
-            peer.clone(),
-        )
-        .unwrap_or_else(|e| panic!("remove peer {}: {e}", peer.id));
+        self.change_peer(region_id, raft_cmdpb::ConfChangeType::RemoveNode, peer)
+            .unwrap_or_else(|e| panic!("remove peer {}: {e}", peer.id));
     }
 
     pub fn must_transfer_leader(&self, region_id: u64, to_store: u64) {
@@ -595,11 +583,7 @@ impl Cluster {
                 let r = self.runtime.block_on(async {
                     tokio::time::timeout(
                         Duration::from_secs(10),
-                        router.split_async(
-                            region.id,
-                            region.region_epoch.clone().unwrap_or_default(),
-                            ks,
-                        ),
+                        router.split_async(region.id, region.region_epoch.unwrap_or_default(), ks),
                     )
                     .await
                 });

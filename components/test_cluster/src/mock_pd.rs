@@ -38,7 +38,7 @@ impl Default for MockPd {
 }
 
 fn epoch(r: &metapb::Region) -> metapb::RegionEpoch {
-    r.region_epoch.clone().unwrap_or_default()
+    r.region_epoch.unwrap_or_default()
 }
 
 impl MockPd {

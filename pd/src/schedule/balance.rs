@@ -133,7 +133,7 @@ pub fn balance_regions(
         }
         let Some((r, dst)) = chosen else { break };
         let Some(new_peer) = ids.next_id() else { break };
-        let old = r.peer_on(src).expect("candidate has a peer on src").clone();
+        let old = *r.peer_on(src).expect("candidate has a peer on src");
         let mut steps = replace_steps(r, src, old.id, dst, new_peer);
         // Hand leadership to an existing follower rather than to the newcomer.
         if let Some(pos) = steps

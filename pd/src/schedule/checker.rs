@@ -21,7 +21,7 @@ pub fn pick_target(
         .map(|s| s.id)
 }
 
-fn store<'a>(snap: &'a ClusterSnapshot, id: u64) -> Option<&'a StoreView> {
+fn store(snap: &ClusterSnapshot, id: u64) -> Option<&StoreView> {
     snap.stores.get(&id)
 }
 

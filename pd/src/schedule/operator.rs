@@ -43,7 +43,7 @@ impl OpStep {
     pub fn to_response(&self, region: &metapb::Region) -> pdpb::RegionHeartbeatResponse {
         let mut r = pdpb::RegionHeartbeatResponse {
             region_id: region.id,
-            region_epoch: region.region_epoch.clone(),
+            region_epoch: region.region_epoch,
             ..Default::default()
         };
         match self {
@@ -167,7 +167,7 @@ impl Operator {
         desc: impl Into<String>,
         steps: Vec<OpStep>,
     ) -> Self {
-        let e = region.region_epoch.clone().unwrap_or_default();
+        let e = region.region_epoch.unwrap_or_default();
         Operator {
             region_id: region.id,
             kind,
@@ -182,7 +182,7 @@ impl Operator {
 
     /// Advances past finished steps; says what to do next.
     pub fn check(&mut self, region: &metapb::Region, leader: Option<&metapb::Peer>) -> OpStatus {
-        let e = region.region_epoch.clone().unwrap_or_default();
+        let e = region.region_epoch.unwrap_or_default();
         if e.version != self.version {
             // Split or merge: the plan no longer fits.
             return OpStatus::Stale;
