@@ -34,8 +34,15 @@ enum Output {
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
-    /// Set KEY to VALUE.
-    Put { key: String, value: String },
+    /// Set KEY to VALUE (or to the content of --value-file).
+    Put {
+        key: String,
+        #[arg(required_unless_present = "value_file")]
+        value: Option<String>,
+        /// Read the value from this file (for large or binary values).
+        #[arg(long, conflicts_with = "value")]
+        value_file: Option<std::path::PathBuf>,
+    },
     /// Print KEY's value.
     Get { key: String },
     /// Delete KEY.
@@ -155,8 +162,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
     let c = client(&cli).await?;
     match cli.cmd {
-        Cmd::Put { key, value } => {
-            c.put(key.as_bytes(), value.as_bytes()).await?;
+        Cmd::Put {
+            key,
+            value,
+            value_file,
+        } => {
+            let value = match (value, value_file) {
+                (Some(v), _) => v.into_bytes(),
+                (None, Some(f)) => {
+                    std::fs::read(&f).map_err(|e| anyhow::anyhow!("read {}: {e}", f.display()))?
+                }
+                (None, None) => anyhow::bail!("put needs a VALUE or --value-file"),
+            };
+            c.put(key.as_bytes(), &value).await?;
             print(out, "OK".into(), json!({"ok": true}));
         }
         Cmd::Get { key } => {

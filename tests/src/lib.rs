@@ -1,1 +1,54 @@
-//! Shared helpers for the integration tests.
+//! Shared helpers for the integration tests: running the real binaries on free local ports,
+//! waiting on conditions, and the linearizability checker of the chaos suite.
+//!
+//! | module | owns |
+//! | --- | --- |
+//! | [`procs`] | multi-process clusters of `pd-server` and `storage-node`, and `kvctl` runs |
+//! | [`linearizability`] | the per-key register checker (Wing & Gong with memoisation) |
+
+pub mod linearizability;
+pub mod procs;
+
+use std::time::{Duration, Instant};
+
+/// Polls `f` until it is true or `timeout` passes.
+pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Async version of [`wait_until`].
+pub async fn wait_until_async<F, Fut>(timeout: Duration, mut f: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if f().await {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A random seed from the environment (`ATOLL_SEED`) or fresh; always printed.
+pub fn seed() -> u64 {
+    let s = std::env::var("ATOLL_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(rand::random);
+    eprintln!("seed: {s} (rerun with ATOLL_SEED={s})");
+    s
+}

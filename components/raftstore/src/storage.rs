@@ -522,10 +522,15 @@ impl<E: KvEngine> raft::Storage for PeerStorage<E> {
         Ok(self.raft_state.last_index)
     }
 
-    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+    fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<Snapshot> {
+        // A snapshot must name its receiver in its membership (raft refuses it otherwise).
+        let includes = |s: &Snapshot| {
+            let cs = s.get_metadata().get_conf_state();
+            cs.voters.contains(&to) || cs.learners.contains(&to)
+        };
         if let Some(s) = self.last_snapshot.borrow().as_ref() {
             let idx = s.get_metadata().index;
-            if idx >= request_index && idx >= self.truncated_index() {
+            if idx >= request_index && idx >= self.truncated_index() && includes(s) {
                 return Ok(s.clone());
             }
         }
@@ -541,7 +546,7 @@ impl<E: KvEngine> raft::Storage for PeerStorage<E> {
                 Some(Ok(s)) => {
                     *state = SnapState::Relax;
                     let idx = s.get_metadata().index;
-                    if idx >= request_index && idx >= self.truncated_index() {
+                    if idx >= request_index && idx >= self.truncated_index() && includes(&s) {
                         *self.last_snapshot.borrow_mut() = Some(s.clone());
                         return Ok(s);
                     }

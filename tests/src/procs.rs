@@ -1,0 +1,368 @@
+//! Multi-process clusters: the real `pd-server` and `storage-node` binaries on free
+//! 127.0.0.1 ports, each with its own data directory and log file; everything started is
+//! stopped (SIGKILL) when the cluster is dropped.
+
+use serde_json::Value;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// Where the binaries are: `ATOLL_BIN_DIR`, else next to the test executable's folder
+/// (`target/<profile>/deps/..`).
+pub fn bin_dir() -> PathBuf {
+    if let Ok(d) = std::env::var("ATOLL_BIN_DIR") {
+        return PathBuf::from(d);
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    let deps = exe.parent().expect("deps dir");
+    deps.parent().expect("profile dir").to_path_buf()
+}
+
+pub fn bin(name: &str) -> PathBuf {
+    let p = bin_dir().join(name);
+    assert!(
+        p.exists(),
+        "{} not built: run `cargo build --release --workspace --all-targets` first ({})",
+        name,
+        p.display()
+    );
+    p
+}
+
+/// A free local port (bound and released at once).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+pub struct Proc {
+    pub name: String,
+    child: Option<Child>,
+    pub log: PathBuf,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+    program: PathBuf,
+}
+
+impl Proc {
+    fn spawn(
+        program: PathBuf,
+        name: &str,
+        args: Vec<String>,
+        env: Vec<(String, String)>,
+        log: PathBuf,
+    ) -> Proc {
+        let mut p = Proc {
+            name: name.into(),
+            child: None,
+            log,
+            args,
+            env,
+            program,
+        };
+        p.start();
+        p
+    }
+
+    pub fn start(&mut self) {
+        assert!(self.child.is_none(), "{} already running", self.name);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("log file");
+        let err = log.try_clone().expect("log file");
+        let mut cmd = Command::new(&self.program);
+        cmd.args(&self.args)
+            .stdout(Stdio::from(log))
+            .stderr(Stdio::from(err))
+            .env(
+                "RUST_LOG",
+                std::env::var("ATOLL_PROC_LOG").unwrap_or_else(|_| "info".into()),
+            );
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        self.child = Some(
+            cmd.spawn()
+                .unwrap_or_else(|e| panic!("spawn {}: {e}", self.name)),
+        );
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(c) => c.try_wait().ok().flatten().is_none(),
+            None => false,
+        }
+    }
+
+    /// `kill -9`.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM, then wait (SIGKILL after `grace`).
+    pub fn terminate(&mut self, grace: Duration) {
+        if let Some(mut c) = self.child.take() {
+            unsafe {
+                libc::kill(c.id() as i32, libc::SIGTERM);
+            }
+            let deadline = Instant::now() + grace;
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn signal(&self, sig: i32) {
+        if let Some(c) = &self.child {
+            unsafe {
+                libc::kill(c.id() as i32, sig);
+            }
+        }
+    }
+
+    pub fn restart(&mut self) {
+        self.kill();
+        self.start();
+    }
+
+    pub fn log_tail(&self, lines: usize) -> String {
+        let s = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let v: Vec<&str> = s.lines().collect();
+        v[v.len().saturating_sub(lines)..].join("\n")
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub struct PdProc {
+    pub proc_: Proc,
+    pub client_addr: String,
+    pub peer_addr: String,
+    pub name: String,
+}
+
+pub struct StoreProc {
+    pub proc_: Proc,
+    pub addr: String,
+    pub status_addr: String,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct ClusterOpts {
+    pub pds: usize,
+    pub stores: usize,
+    /// Extra flags for every storage node.
+    pub store_args: Vec<String>,
+    /// Extra flags for every PD member.
+    pub pd_args: Vec<String>,
+    /// FAILPOINTS for the storage nodes.
+    pub store_failpoints: Option<String>,
+}
+
+pub struct ProcCluster {
+    pub dir: tempfile::TempDir,
+    pub pds: Vec<PdProc>,
+    pub stores: Vec<StoreProc>,
+    opts: ClusterOpts,
+}
+
+impl ProcCluster {
+    pub fn start(opts: ClusterOpts) -> ProcCluster {
+        let dir = tempfile::Builder::new()
+            .prefix("atoll-procs-")
+            .tempdir()
+            .expect("tempdir");
+        let mut c = ProcCluster {
+            dir,
+            pds: vec![],
+            stores: vec![],
+            opts: opts.clone(),
+        };
+        let members: Vec<(String, String, String)> = (0..opts.pds.max(1))
+            .map(|i| {
+                (
+                    format!("pd{}", i + 1),
+                    format!("127.0.0.1:{}", free_port()),
+                    format!("127.0.0.1:{}", free_port()),
+                )
+            })
+            .collect();
+        let initial = members
+            .iter()
+            .map(|(n, _, p)| format!("{n}={p}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        for (name, client, peer) in &members {
+            let mut args = vec![
+                "--name".into(),
+                name.clone(),
+                "--data-dir".into(),
+                c.dir.path().join(name).display().to_string(),
+                "--client-addr".into(),
+                client.clone(),
+                "--peer-addr".into(),
+                peer.clone(),
+                "--initial-cluster".into(),
+                initial.clone(),
+            ];
+            args.extend(opts.pd_args.iter().cloned());
+            let log = c.dir.path().join(format!("{name}.log"));
+            let p = Proc::spawn(bin("pd-server"), name, args, vec![], log);
+            c.pds.push(PdProc {
+                proc_: p,
+                client_addr: client.clone(),
+                peer_addr: peer.clone(),
+                name: name.clone(),
+            });
+        }
+        for _ in 0..opts.stores {
+            c.add_store();
+        }
+        c
+    }
+
+    pub fn pd_endpoints(&self) -> String {
+        self.pds
+            .iter()
+            .map(|p| p.client_addr.clone())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Starts one more storage node; returns its index.
+    pub fn add_store(&mut self) -> usize {
+        self.add_store_with(&[])
+    }
+
+    pub fn add_store_with(&mut self, extra: &[String]) -> usize {
+        let i = self.stores.len();
+        let addr = format!("127.0.0.1:{}", free_port());
+        let status = format!("127.0.0.1:{}", free_port());
+        let name = format!("store{}", i + 1);
+        let mut args = vec![
+            "--pd".into(),
+            self.pd_endpoints(),
+            "--data-dir".into(),
+            self.dir.path().join(&name).display().to_string(),
+            "--addr".into(),
+            addr.clone(),
+            "--status-addr".into(),
+            status.clone(),
+        ];
+        args.extend(self.opts.store_args.iter().cloned());
+        args.extend(extra.iter().cloned());
+        let mut env = vec![];
+        if let Some(fp) = &self.opts.store_failpoints {
+            env.push(("FAILPOINTS".into(), fp.clone()));
+        }
+        let log = self.dir.path().join(format!("{name}.log"));
+        let p = Proc::spawn(bin("storage-node"), &name, args, env, log);
+        self.stores.push(StoreProc {
+            proc_: p,
+            addr,
+            status_addr: status,
+        });
+        i
+    }
+
+    /// Runs kvctl against this cluster.
+    pub fn kvctl(&self, args: &[&str]) -> Output {
+        kvctl(&self.pd_endpoints(), args)
+    }
+
+    /// Runs kvctl with `--output json` and parses the answer (panics on failure).
+    pub fn kvctl_json(&self, args: &[&str]) -> Value {
+        let mut a = vec!["--output", "json"];
+        a.extend_from_slice(args);
+        let out = self.kvctl(&a);
+        assert!(
+            out.status.success(),
+            "kvctl {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "kvctl {args:?}: bad json {e}: {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })
+    }
+
+    /// Waits until kvctl can write and read.
+    pub fn wait_ready(&self, timeout: Duration) {
+        let ok = crate::wait_until(timeout, || {
+            let o = self.kvctl(&["--timeout", "3", "put", "__ready", "1"]);
+            o.status.success()
+        });
+        if !ok {
+            self.dump_logs();
+        }
+        assert!(ok, "cluster never became ready");
+    }
+
+    /// Stores' ids as PD reports them, by store index (address order).
+    pub fn store_id_of(&self, index: usize) -> Option<u64> {
+        let v = self.kvctl_json(&["stores"]);
+        v["stores"]
+            .as_array()?
+            .iter()
+            .find(|s| s["address"] == self.stores[index].addr.as_str())
+            .and_then(|s| s["id"].as_u64())
+    }
+
+    pub fn store_index_of(&self, id: u64) -> Option<usize> {
+        let v = self.kvctl_json(&["stores"]);
+        let addr = v["stores"]
+            .as_array()?
+            .iter()
+            .find(|s| s["id"].as_u64() == Some(id))?["address"]
+            .as_str()?
+            .to_string();
+        self.stores.iter().position(|s| s.addr == addr)
+    }
+
+    pub fn dump_logs(&self) {
+        for p in &self.pds {
+            eprintln!("===== {} =====\n{}", p.name, p.proc_.log_tail(40));
+        }
+        for s in &self.stores {
+            eprintln!("===== {} =====\n{}", s.proc_.name, s.proc_.log_tail(40));
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+pub fn kvctl(pd: &str, args: &[&str]) -> Output {
+    let mut a: Vec<&str> = vec!["--pd", pd];
+    a.extend_from_slice(args);
+    Command::new(bin("kvctl"))
+        .args(&a)
+        .env("RUST_LOG", "error")
+        .output()
+        .expect("run kvctl")
+}
