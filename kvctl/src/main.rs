@@ -4,6 +4,9 @@
 mod bench;
 mod playground;
 
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use atoll_client::{Client, ClientConfig};
 use atoll_util::hex::display;
 use clap::{Parser, Subcommand, ValueEnum};

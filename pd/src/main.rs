@@ -1,5 +1,8 @@
 //! `pd-server`: parse flags, build the configuration, run until SIGINT/SIGTERM.
 
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use atoll_pd::PdConfig;
 use clap::Parser;
 

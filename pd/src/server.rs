@@ -99,7 +99,8 @@ impl PdServer {
         .max_decoding_message_size(64 << 20)
         .max_encoding_message_size(64 << 20);
         tasks.push(tokio::spawn(async move {
-            let incoming = tokio_stream::wrappers::TcpListenerStream::new(client_l);
+            // Accepted sockets need no-delay too (tonic applies it only to listeners it binds).
+            let incoming = tonic::transport::server::TcpIncoming::from(client_l).with_nodelay(Some(true));
             let r = tonic::transport::Server::builder()
                 .tcp_nodelay(true)
                 .add_service(pd_svc)
@@ -119,7 +120,8 @@ impl PdServer {
         .max_decoding_message_size(512 << 20)
         .max_encoding_message_size(512 << 20);
         tasks.push(tokio::spawn(async move {
-            let incoming = tokio_stream::wrappers::TcpListenerStream::new(peer_l);
+            // Accepted sockets need no-delay too (tonic applies it only to listeners it binds).
+            let incoming = tonic::transport::server::TcpIncoming::from(peer_l).with_nodelay(Some(true));
             let r = tonic::transport::Server::builder()
                 .tcp_nodelay(true)
                 .add_service(peer_svc)

@@ -1,5 +1,8 @@
 //! `storage-node`: parse flags, build the configuration, run until SIGINT/SIGTERM.
 
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use atoll_storage_node::NodeConfig;
 use clap::Parser;
 

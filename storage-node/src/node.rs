@@ -211,7 +211,8 @@ impl Node {
         .max_encoding_message_size(64 << 20);
         let mut rx = stop_rx.clone();
         tasks.push(tokio::spawn(async move {
-            let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+            // Accepted sockets need no-delay too (tonic applies it only to listeners it binds).
+            let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
             let r = tonic::transport::Server::builder()
                 .tcp_nodelay(true)
                 .initial_stream_window_size(4 << 20)
@@ -232,8 +233,15 @@ impl Node {
         } else {
             let r = router.clone();
             let s = storage.clone();
+            let e = engine.clone();
             let status: atoll_util::status::StatusFn = Arc::new(move || {
+                let engine: serde_json::Map<String, serde_json::Value> = e
+                    .stats()
+                    .into_iter()
+                    .map(|(cf, props)| (cf, serde_json::Value::Object(props.into_iter().map(|(k, v)| (k, v.into())).collect())))
+                    .collect();
                 serde_json::json!({
+                    "engine": engine,
                     "store_id": r.store_id(),
                     "regions": r.region_count(),
                     "leaders": r.leader_count(),

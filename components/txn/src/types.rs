@@ -16,7 +16,7 @@ use crate::errors::{Error, Result};
 
 /// Values up to this many bytes are stored inline in the lock and the write record;
 /// longer values go to `CF_DEFAULT`.
-pub const SHORT_VALUE_MAX_LEN: usize = 255;
+pub const SHORT_VALUE_MAX_LEN: usize = 1024;
 
 /// Number of low bits of a timestamp that hold its logical part.
 pub const TSO_PHYSICAL_SHIFT_BITS: u32 = 18;

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# A multi-process local cluster from the built binaries (target/release), for benchmarks
+# and experiments:
+#   scripts/local-cluster.sh start [STORES] [DIR] [extra storage-node flags...]
+#   scripts/local-cluster.sh stop [DIR]
+# PD listens on 127.0.0.1:2379 (peer 2380); store i on 20160+i (status 20180+i).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bin=target/release
+cmd=${1:-start}
+case "$cmd" in
+  start)
+    n=${2:-3}; dir=${3:-/tmp/atoll-local}; shift $(( $# < 3 ? $# : 3 ))
+    mkdir -p "$dir"
+    "$bin/pd-server" --name pd1 --data-dir "$dir/pd1" --client-addr 127.0.0.1:2379 --peer-addr 127.0.0.1:2380 \
+      >"$dir/pd1.log" 2>&1 & echo $! >"$dir/pd1.pid"
+    for i in $(seq 0 $((n - 1))); do
+      "$bin/storage-node" --pd 127.0.0.1:2379 --data-dir "$dir/store$((i + 1))" \
+        --addr "127.0.0.1:$((20160 + i))" --status-addr "127.0.0.1:$((20180 + i))" "$@" \
+        >"$dir/store$((i + 1)).log" 2>&1 & echo $! >"$dir/store$((i + 1)).pid"
+    done
+    for _ in $(seq 1 100); do
+      "$bin/kvctl" --timeout 2 put __ready 1 >/dev/null 2>&1 && { echo "cluster up in $dir"; exit 0; }
+      sleep 0.3
+    done
+    echo "cluster did not come up; see $dir/*.log" >&2; exit 1 ;;
+  stop)
+    dir=${2:-/tmp/atoll-local}
+    for p in "$dir"/*.pid; do [ -f "$p" ] && kill "$(cat "$p")" 2>/dev/null || true; rm -f "$p"; done ;;
+  *) echo "usage: $0 start [STORES] [DIR] [flags...] | stop [DIR]" >&2; exit 2 ;;
+esac
