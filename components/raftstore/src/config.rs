@@ -32,7 +32,8 @@ pub struct Config {
     /// Re-scan a region's size once this much has been written to it since the last scan.
     pub region_split_check_diff: ReadableSize,
 
-    /// Poller threads driving raft (the fsync per round happens here).
+    /// Poller threads driving raft (the fsync per round happens here). 0 = one per four
+    /// cores (at least 1, at most 4): fewer, fuller rounds are cheaper on small machines.
     pub store_pool_size: usize,
     /// Poller threads applying committed entries.
     pub apply_pool_size: usize,
@@ -83,7 +84,7 @@ impl Default for Config {
             region_split_size: ReadableSize::mib(96),
             region_split_keys: 960_000,
             region_split_check_diff: ReadableSize::mib(6),
-            store_pool_size: 2,
+            store_pool_size: 0,
             apply_pool_size: 1,
             max_batch_size: 256,
             mailbox_capacity: 4096,
@@ -135,7 +136,7 @@ impl Config {
         if self.region_split_keys == 0 {
             return Err(invalid("region-split-keys", "must be positive"));
         }
-        if self.store_pool_size == 0 || self.apply_pool_size == 0 {
+        if self.apply_pool_size == 0 {
             return Err(invalid("store-pool-size", "pool sizes must be positive"));
         }
         if self.max_batch_size == 0 || self.mailbox_capacity == 0 {
@@ -151,6 +152,15 @@ impl Config {
             return Err(invalid("snap-chunk-size", "must be in (0, 64MiB]"));
         }
         Ok(())
+    }
+
+    /// The raft poller count to use (resolving 0 = automatic).
+    pub fn store_pollers(&self) -> usize {
+        if self.store_pool_size > 0 {
+            return self.store_pool_size;
+        }
+        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+        (cores / 4).clamp(1, 4)
     }
 
     pub fn tick(&self) -> Duration {

@@ -181,7 +181,7 @@ impl<E: KvEngine> RaftStore<E> {
         let c = ctx.clone();
         store
             .raft_system
-            .spawn("raftstore", cfg.store_pool_size, move |_| {
+            .spawn("raftstore", cfg.store_pollers(), move |_| {
                 RaftPoller::new(c.clone())
             });
         let c = ctx.clone();
