@@ -89,6 +89,7 @@ dirty=$(git status --porcelain --untracked-files=no 2>/dev/null | head -1)
 
 echo "docker-build: context $(du -sh "$ctx" | cut -f1) with libraries:" \
   $(printf '%s\n' "${libs[@]}" | sort -u) >&2
+old_id=$(docker image inspect -f '{{.Id}}' "$image" 2>/dev/null || true)
 docker build --label "org.opencontainers.image.revision=$rev" \
   --label "org.opencontainers.image.source=$root" -t "$image" "$ctx"
 
@@ -99,4 +100,10 @@ for b in "${bins[@]}"; do
 done
 probe_out=$(docker run --rm --entrypoint /usr/local/bin/atoll-probe "$image" --help 2>&1 || true)
 grep -q '^usage: atoll-probe' <<<"$probe_out" || die "atoll-probe does not start in $image: $probe_out"
+# The image this tag named before, now untagged: remove it (unless a container still uses it).
+new_id=$(docker image inspect -f '{{.Id}}' "$image")
+if [ -n "$old_id" ] && [ "$old_id" != "$new_id" ] \
+   && [ -z "$(docker image inspect -f '{{join .RepoTags ""}}' "$old_id" 2>/dev/null)" ]; then
+  docker image rm "$old_id" >/dev/null 2>&1 || true
+fi
 echo "docker-build: built $image ($rev)" >&2

@@ -83,7 +83,9 @@ pub struct Cluster {
     vol: RwLock<Volatile>,
     pub coord: Mutex<Coordinator>,
     id_pool: Mutex<Vec<u64>>,
-    persist_tx: mpsc::Sender<RegionRecord>,
+    /// Regions whose record changed and is not yet persisted (never lost: a set, not a queue).
+    dirty: Mutex<std::collections::HashSet<u64>>,
+    dirty_notify: tokio::sync::Notify,
     bootstrap_lock: tokio::sync::Mutex<()>,
     /// Members' info learnt from their raft traffic (before it is persisted).
     pub peer_members: RwLock<HashMap<u64, pdpb::Member>>,
@@ -95,9 +97,8 @@ impl Cluster {
         node: Arc<RaftNode>,
         cfg: PdConfig,
         self_member: pdpb::Member,
-    ) -> (Arc<Self>, mpsc::Receiver<RegionRecord>) {
-        let (persist_tx, persist_rx) = mpsc::channel(65536);
-        let c = Arc::new(Cluster {
+    ) -> Arc<Self> {
+        Arc::new(Cluster {
             ids: IdAllocator::new(node.clone()),
             tso: Tso::new(node.clone(), cfg.tso.save_interval.0),
             coord: Mutex::new(Coordinator::new(cfg.schedule.clone())),
@@ -105,12 +106,17 @@ impl Cluster {
             cfg,
             vol: RwLock::new(Volatile::default()),
             id_pool: Mutex::new(vec![]),
-            persist_tx,
+            dirty: Mutex::new(std::collections::HashSet::new()),
+            dirty_notify: tokio::sync::Notify::new(),
             bootstrap_lock: tokio::sync::Mutex::new(()),
             peer_members: RwLock::new(HashMap::new()),
             self_member,
-        });
-        (c, persist_rx)
+        })
+    }
+
+    fn mark_dirty(&self, region_id: u64) {
+        self.dirty.lock().insert(region_id);
+        self.dirty_notify.notify_one();
     }
 
     pub fn cluster_id(&self) -> u64 {
@@ -488,7 +494,7 @@ impl Cluster {
                 .or_insert_with(Instant::now);
         }
         if upd.epoch_changed || upd.leader_changed {
-            let _ = self.persist_tx.try_send(rec);
+            self.mark_dirty(region.id);
         }
         let snap = self.snapshot();
         let mut pool = self.id_pool.lock();
@@ -577,13 +583,14 @@ impl Cluster {
     pub fn report_batch_split(&self, regions: Vec<metapb::Region>) -> PdResult<()> {
         self.ensure_leader()?;
         for r in regions {
+            let id = r.id;
             let rec = RegionRecord {
                 region: Some(r),
                 leader: None,
             };
-            let upd = self.node.state.write().regions.update(rec.clone());
+            let upd = self.node.state.write().regions.update(rec);
             if upd.epoch_changed {
-                let _ = self.persist_tx.try_send(rec);
+                self.mark_dirty(id);
             }
         }
         Ok(())
@@ -727,30 +734,42 @@ impl Cluster {
         }
     }
 
-    /// Persists changed region records in batches (leader only).
-    pub async fn run_persister(self: Arc<Self>, mut rx: mpsc::Receiver<RegionRecord>) {
-        while let Some(first) = rx.recv().await {
-            let mut batch: HashMap<u64, RegionRecord> = HashMap::new();
-            let id = first.region.as_ref().map_or(0, |r| r.id);
-            batch.insert(id, first);
-            while batch.len() < 1024 {
-                match rx.try_recv() {
-                    Ok(r) => {
-                        let id = r.region.as_ref().map_or(0, |r| r.id);
-                        batch.insert(id, r);
+    /// Persists changed region records in batches (leader only). A record is read at the time
+    /// it is persisted, so a region changed many times is written once.
+    pub async fn run_persister(self: Arc<Self>, mut stop: tokio::sync::watch::Receiver<bool>) {
+        const BATCH: usize = 4096;
+        loop {
+            tokio::select! {
+                _ = self.dirty_notify.notified() => {}
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                _ = stop.changed() => return,
+            }
+            loop {
+                let ids: Vec<u64> = {
+                    let mut d = self.dirty.lock();
+                    let ids: Vec<u64> = d.iter().take(BATCH).copied().collect();
+                    for id in &ids {
+                        d.remove(id);
                     }
-                    Err(_) => break,
+                    ids
+                };
+                if ids.is_empty() {
+                    break;
                 }
-            }
-            if !self.is_leader() {
-                continue;
-            }
-            let puts = batch
-                .into_iter()
-                .map(|(id, r)| (region_key(id), r.encode_to_vec()))
-                .collect();
-            if let Err(e) = self.propose(puts).await {
-                tracing::debug!(error = %e, "persist region records");
+                if !self.is_leader() {
+                    // The next leader persists what it learns from heartbeats itself.
+                    break;
+                }
+                let puts: Vec<(Vec<u8>, Vec<u8>)> = {
+                    let st = self.node.state.read();
+                    ids.iter().filter_map(|id| st.regions.get(*id).map(|r| (region_key(*id), r.encode_to_vec()))).collect()
+                };
+                if let Err(e) = self.propose(puts).await {
+                    tracing::debug!(error = %e, "persist region records");
+                    let mut d = self.dirty.lock();
+                    d.extend(ids);
+                    break;
+                }
             }
         }
     }

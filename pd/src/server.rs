@@ -86,7 +86,7 @@ impl PdServer {
             trans,
         )
         .map_err(|e| anyhow::anyhow!("start PD raft: {e}"))?;
-        let (cluster, persist_rx) = Cluster::new(node.clone(), cfg.clone(), me);
+        let cluster = Cluster::new(node.clone(), cfg.clone(), me);
         let cluster_cell = Arc::new(OnceLock::new());
         let _ = cluster_cell.set(cluster.clone());
         let (stop_tx, stop_rx) = watch::channel(false);
@@ -133,7 +133,7 @@ impl PdServer {
                 tracing::error!(error = %e, "PD peer server stopped");
             }
         }));
-        tasks.push(tokio::spawn(cluster.clone().run_persister(persist_rx)));
+        tasks.push(tokio::spawn(cluster.clone().run_persister(stop_rx.clone())));
         let c = cluster.clone();
         let interval = cfg.schedule.schedule_interval.0;
         let mut rx = stop_rx.clone();
@@ -213,12 +213,14 @@ impl PdServer {
 
     /// Stops serving and the raft group.
     pub async fn stop(self) {
-        let _ = self.stop_tx.send(true);
-        for t in self.tasks {
-            let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
-        }
+        // Leave the raft group first so that the others elect a new leader at once, then
+        // close the servers.
         let node = self.node.clone();
         let _ = tokio::task::spawn_blocking(move || node.stop()).await;
+        let _ = self.stop_tx.send(true);
+        for t in self.tasks {
+            let _ = tokio::time::timeout(Duration::from_secs(3), t).await;
+        }
     }
 }
 

@@ -213,3 +213,66 @@ fn scale_out_then_decommission_without_failed_requests() {
     let _ = idx;
     let _ = HashMap::<u8, u8>::new();
 }
+
+/// How long a newly elected PD leader takes to serve routing with 100,000 regions in its
+/// state (a benchmark, printed; the assertion is a loose bound).
+#[test]
+fn pd_failover_with_100k_regions_serves_routing_at_once() {
+    let n: u64 = std::env::var("ATOLL_PD_BENCH_REGIONS").ok().and_then(|v| v.parse().ok()).unwrap_or(100_000);
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let ports: Vec<(u16, u16)> = (0..3).map(|_| (atoll_tests::procs::free_port(), atoll_tests::procs::free_port())).collect();
+    let initial = ports.iter().enumerate().map(|(i, (_, p))| format!("pd{}=127.0.0.1:{p}", i + 1)).collect::<Vec<_>>().join(",");
+    let mut servers = vec![];
+    for (i, (c, p)) in ports.iter().enumerate() {
+        let cfg = atoll_pd::PdConfig {
+            name: format!("pd{}", i + 1),
+            data_dir: dir.path().join(format!("pd{}", i + 1)),
+            client_addr: format!("127.0.0.1:{c}"),
+            peer_addr: format!("127.0.0.1:{p}"),
+            initial_cluster: initial.clone(),
+            ..Default::default()
+        };
+        servers.push(Some(rt.block_on(atoll_pd::PdServer::start(cfg)).unwrap()));
+    }
+    fn leader(servers: &[Option<atoll_pd::PdServer>]) -> Option<usize> {
+        servers.iter().position(|s| s.as_ref().is_some_and(|s| s.is_leader()))
+    }
+    assert!(wait_until(Duration::from_secs(20), || leader(&servers).is_some()));
+    let l = leader(&servers).unwrap();
+    // Register a store and report n regions (as splits do), in batches.
+    let cluster = servers[l].as_ref().unwrap().cluster.clone();
+    rt.block_on(cluster.put_store(atoll_proto::metapb::Store { id: 1, address: "127.0.0.1:1".into(), ..Default::default() })).unwrap();
+    let load = Instant::now();
+    let region = |i: u64| atoll_proto::metapb::Region {
+        id: 1000 + i,
+        start_key: if i == 0 { vec![] } else { format!("r{i:08}").into_bytes() },
+        end_key: if i + 1 == n { vec![] } else { format!("r{:08}", i + 1).into_bytes() },
+        region_epoch: Some(atoll_proto::metapb::RegionEpoch { conf_ver: 1, version: 2 }),
+        peers: vec![atoll_proto::metapb::Peer { id: 10_000_000 + i, store_id: 1, role: 0 }],
+    };
+    for chunk in (0..n).collect::<Vec<_>>().chunks(1000) {
+        cluster.report_batch_split(chunk.iter().map(|i| region(*i)).collect()).unwrap();
+    }
+    // Every member has applied all of them.
+    let all_applied = wait_until(Duration::from_secs(120), || servers.iter().all(|s| s.as_ref().unwrap().node.state.read().regions.len() as u64 == n));
+    assert!(all_applied, "members did not apply {n} regions");
+    eprintln!("{n} regions replicated to 3 PD members in {:?}", load.elapsed());
+    // Kill the leader; time until a new leader answers routing for any key.
+    let killed = Instant::now();
+    let old = servers[l].take().unwrap();
+    rt.block_on(old.stop());
+    let served = wait_until(Duration::from_secs(30), || {
+        servers.iter().flatten().any(|s| s.is_leader() && s.cluster.get_region(format!("r{:08}", n / 2).as_bytes()).is_ok())
+    });
+    let took = killed.elapsed();
+    eprintln!("new PD leader served routing for {n} regions {took:?} after the old leader stopped");
+    assert!(served);
+    let new = leader(&servers).unwrap();
+    let rec = servers[new].as_ref().unwrap().cluster.get_region(format!("r{:08}", n - 1).as_bytes()).unwrap();
+    assert_eq!(rec.region.unwrap().id, 1000 + n - 1);
+    assert!(took < Duration::from_secs(10), "failover took {took:?}");
+    for s in servers.into_iter().flatten() {
+        rt.block_on(s.stop());
+    }
+}
