@@ -93,11 +93,7 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    pub fn new(
-        node: Arc<RaftNode>,
-        cfg: PdConfig,
-        self_member: pdpb::Member,
-    ) -> Arc<Self> {
+    pub fn new(node: Arc<RaftNode>, cfg: PdConfig, self_member: pdpb::Member) -> Arc<Self> {
         Arc::new(Cluster {
             ids: IdAllocator::new(node.clone()),
             tso: Tso::new(node.clone(), cfg.tso.save_interval.0),
@@ -762,7 +758,13 @@ impl Cluster {
                 }
                 let puts: Vec<(Vec<u8>, Vec<u8>)> = {
                     let st = self.node.state.read();
-                    ids.iter().filter_map(|id| st.regions.get(*id).map(|r| (region_key(*id), r.encode_to_vec()))).collect()
+                    ids.iter()
+                        .filter_map(|id| {
+                            st.regions
+                                .get(*id)
+                                .map(|r| (region_key(*id), r.encode_to_vec()))
+                        })
+                        .collect()
                 };
                 if let Err(e) = self.propose(puts).await {
                     tracing::debug!(error = %e, "persist region records");

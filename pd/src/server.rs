@@ -100,7 +100,8 @@ impl PdServer {
         .max_encoding_message_size(64 << 20);
         tasks.push(tokio::spawn(async move {
             // Accepted sockets need no-delay too (tonic applies it only to listeners it binds).
-            let incoming = tonic::transport::server::TcpIncoming::from(client_l).with_nodelay(Some(true));
+            let incoming =
+                tonic::transport::server::TcpIncoming::from(client_l).with_nodelay(Some(true));
             let r = tonic::transport::Server::builder()
                 .tcp_nodelay(true)
                 .add_service(pd_svc)
@@ -121,7 +122,8 @@ impl PdServer {
         .max_encoding_message_size(512 << 20);
         tasks.push(tokio::spawn(async move {
             // Accepted sockets need no-delay too (tonic applies it only to listeners it binds).
-            let incoming = tonic::transport::server::TcpIncoming::from(peer_l).with_nodelay(Some(true));
+            let incoming =
+                tonic::transport::server::TcpIncoming::from(peer_l).with_nodelay(Some(true));
             let r = tonic::transport::Server::builder()
                 .tcp_nodelay(true)
                 .add_service(peer_svc)
@@ -184,9 +186,8 @@ impl PdServer {
                 })
             });
             let mut rx = stop_rx.clone();
-            let addr: SocketAddr = cfg
-                .status_addr
-                .parse()
+            let addr: SocketAddr = atoll_util::status::resolve(&cfg.status_addr)
+                .await
                 .map_err(|e| anyhow::anyhow!("status-addr {}: {e}", cfg.status_addr))?;
             Some(
                 atoll_util::status::spawn(addr, status, async move {
@@ -219,7 +220,13 @@ impl PdServer {
         let _ = tokio::task::spawn_blocking(move || node.stop()).await;
         let _ = self.stop_tx.send(true);
         for t in self.tasks {
-            let _ = tokio::time::timeout(Duration::from_secs(3), t).await;
+            let abort = t.abort_handle();
+            if tokio::time::timeout(Duration::from_secs(1), t)
+                .await
+                .is_err()
+            {
+                abort.abort();
+            }
         }
     }
 }

@@ -212,7 +212,8 @@ impl Node {
         let mut rx = stop_rx.clone();
         tasks.push(tokio::spawn(async move {
             // Accepted sockets need no-delay too (tonic applies it only to listeners it binds).
-            let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+            let incoming =
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
             let r = tonic::transport::Server::builder()
                 .tcp_nodelay(true)
                 .initial_stream_window_size(4 << 20)
@@ -238,7 +239,14 @@ impl Node {
                 let engine: serde_json::Map<String, serde_json::Value> = e
                     .stats()
                     .into_iter()
-                    .map(|(cf, props)| (cf, serde_json::Value::Object(props.into_iter().map(|(k, v)| (k, v.into())).collect())))
+                    .map(|(cf, props)| {
+                        (
+                            cf,
+                            serde_json::Value::Object(
+                                props.into_iter().map(|(k, v)| (k, v.into())).collect(),
+                            ),
+                        )
+                    })
                     .collect();
                 serde_json::json!({
                     "engine": engine,
@@ -251,9 +259,8 @@ impl Node {
                 })
             });
             let mut rx = stop_rx.clone();
-            let a: SocketAddr = cfg
-                .status_addr
-                .parse()
+            let a: SocketAddr = atoll_util::status::resolve(&cfg.status_addr)
+                .await
                 .map_err(|e| anyhow::anyhow!("status-addr {}: {e}", cfg.status_addr))?;
             Some(
                 atoll_util::status::spawn(a, status, async move {
@@ -289,8 +296,16 @@ impl Node {
     /// Stops serving, then stops the raftstore (nothing acknowledged is lost: it is in the log).
     pub async fn stop(mut self) {
         let _ = self.stop_tx.send(true);
+        // Other stores keep their raft streams open: give in-flight requests a moment, then
+        // stop waiting for them.
         for t in self.tasks.drain(..) {
-            let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
+            let abort = t.abort_handle();
+            if tokio::time::timeout(Duration::from_secs(1), t)
+                .await
+                .is_err()
+            {
+                abort.abort();
+            }
         }
         self.transport.close();
         if let Some(store) = self.store.take() {

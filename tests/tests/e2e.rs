@@ -199,28 +199,50 @@ fn automatic_split_keeps_every_key() {
 }
 
 fn client(c: &ProcCluster, rt: &tokio::runtime::Runtime) -> std::sync::Arc<atoll_client::Client> {
-    let mut cfg = atoll_client::ClientConfig::new(atoll_pd_client::rpc::parse_endpoints(&c.pd_endpoints()));
+    let mut cfg =
+        atoll_client::ClientConfig::new(atoll_pd_client::rpc::parse_endpoints(&c.pd_endpoints()));
     cfg.timeout = Duration::from_secs(10);
     cfg.rpc_timeout = Duration::from_secs(2);
-    rt.block_on(atoll_client::Client::connect(cfg)).expect("client")
+    rt.block_on(atoll_client::Client::connect(cfg))
+        .expect("client")
 }
 
 /// The store with the most leaders, by index.
 fn busiest_store(c: &ProcCluster) -> usize {
     let v = c.kvctl_json(&["stores"]);
-    let s = v["stores"].as_array().unwrap().iter().max_by_key(|s| s["leader_count"].as_u64().unwrap_or(0)).unwrap().clone();
+    let s = v["stores"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .max_by_key(|s| s["leader_count"].as_u64().unwrap_or(0))
+        .unwrap()
+        .clone();
     c.store_index_of(s["id"].as_u64().unwrap()).unwrap()
 }
 
 #[test]
 fn kill_the_busiest_store_while_writing() {
-    let mut c = ProcCluster::start(ClusterOpts { pds: 1, stores: 3, ..Default::default() });
+    let mut c = ProcCluster::start(ClusterOpts {
+        pds: 1,
+        stores: 3,
+        ..Default::default()
+    });
     c.wait_ready(Duration::from_secs(60));
-    assert!(wait_until(Duration::from_secs(60), || regions_healthy(&c.kvctl_json(&["regions"]), 3)));
+    assert!(wait_until(Duration::from_secs(60), || regions_healthy(
+        &c.kvctl_json(&["regions"]),
+        3
+    )));
     let o = c.kvctl(&["split", "kill/3", "kill/6"]);
     assert!(o.status.success(), "{}", err_str(&o));
-    assert!(wait_until(Duration::from_secs(60), || regions_healthy(&c.kvctl_json(&["regions"]), 3)));
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    assert!(wait_until(Duration::from_secs(60), || regions_healthy(
+        &c.kvctl_json(&["regions"]),
+        3
+    )));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
     let cl = client(&c, &rt);
     // Writers: each writes its own keys in a loop and records what was acknowledged (and when).
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -241,7 +263,10 @@ fn kill_the_busiest_store_while_writing() {
     }
     std::thread::sleep(Duration::from_secs(3));
     let victim = busiest_store(&c);
-    eprintln!("killing store index {victim} (pid {:?})", c.stores[victim].proc_.pid());
+    eprintln!(
+        "killing store index {victim} (pid {:?})",
+        c.stores[victim].proc_.pid()
+    );
     let killed_at = Instant::now();
     c.stores[victim].proc_.kill();
     // Writes to every region (the split points cut kill/0-2, kill/3-5, kill/6-9) must succeed
@@ -263,9 +288,17 @@ fn kill_the_busiest_store_while_writing() {
         }
         first
     };
-    let resumed = wait_until(Duration::from_secs(5), || first_after(&acked.lock()).iter().all(|f| f.is_some()));
-    eprintln!("first acknowledged write per region after the kill: {:?}", first_after(&acked.lock()));
-    assert!(resumed, "writes did not succeed again in every region within 5 s of the kill");
+    let resumed = wait_until(Duration::from_secs(5), || {
+        first_after(&acked.lock()).iter().all(|f| f.is_some())
+    });
+    eprintln!(
+        "first acknowledged write per region after the kill: {:?}",
+        first_after(&acked.lock())
+    );
+    assert!(
+        resumed,
+        "writes did not succeed again in every region within 5 s of the kill"
+    );
     std::thread::sleep(Duration::from_secs(2));
     // Restart it with its data directory; it rejoins and catches up.
     c.stores[victim].proc_.start();
@@ -278,7 +311,11 @@ fn kill_the_busiest_store_while_writing() {
     eprintln!("{} acknowledged writes", keys.len());
     assert!(wait_until(Duration::from_secs(30), || {
         let v = c.kvctl_json(&["stores"]);
-        v["stores"].as_array().unwrap().iter().all(|s| s["state"] == "up" && !s["is_down"].as_bool().unwrap_or(true))
+        v["stores"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|s| s["state"] == "up" && !s["is_down"].as_bool().unwrap_or(true))
     }));
     // Let it catch up, then stop another store: every key must still read back, which needs
     // the restarted store's copy.
@@ -292,5 +329,10 @@ fn kill_the_busiest_store_while_writing() {
             other => missing.push((k.clone(), format!("{other:?}"))),
         }
     }
-    assert!(missing.is_empty(), "{} acknowledged keys lost or unreadable, e.g. {:?}", missing.len(), &missing[..missing.len().min(5)]);
+    assert!(
+        missing.is_empty(),
+        "{} acknowledged keys lost or unreadable, e.g. {:?}",
+        missing.len(),
+        &missing[..missing.len().min(5)]
+    );
 }

@@ -243,13 +243,25 @@ impl Transaction {
 
     /// Commits; returns the commit timestamp.
     pub async fn commit(mut self) -> Result<u64> {
+        match self.prewrite().await? {
+            Some(ts) => Ok(ts),
+            None => self.commit_prewritten().await,
+        }
+    }
+
+    /// Phase one: locks every key (or, for a one-region transaction, commits at once and
+    /// returns the commit timestamp). On a conflict the locks written so far are rolled back.
+    /// Most callers use [`commit`](Self::commit); this split exists for tests and tools that
+    /// need to observe a transaction between its phases.
+    pub async fn prewrite(&mut self) -> Result<Option<u64>> {
         self.done = true;
         let muts: Vec<kvrpcpb::Mutation> =
             self.buffer.iter().map(|(k, b)| mutation(k, b)).collect();
         if muts.is_empty() {
-            return Ok(self.start_ts);
+            return Ok(Some(self.start_ts));
         }
         let primary = self.primary.clone().unwrap_or_else(|| muts[0].key.clone());
+        self.primary = Some(primary.clone());
         let deadline = self.client.deadline();
         let keys: Vec<Vec<u8>> = muts.iter().map(|m| m.key.clone()).collect();
         let groups = self.client.group_by_region(&keys).await?;
@@ -259,9 +271,9 @@ impl Transaction {
         if groups.len() == 1 && self.opts.try_one_pc {
             let ms: Vec<_> = by_key.values().cloned().collect();
             if let Some(ts) = self.prewrite_group(&primary, ms, true, deadline).await? {
-                return Ok(ts);
+                return Ok(Some(ts));
             }
-            // The store declined one-phase: the locks are written; finish in two phases.
+            // The store declined one phase: the locks are written; finish in two phases.
         } else {
             let ttl_guard = self.keep_alive(&primary);
             let mut futs = vec![];
@@ -270,7 +282,7 @@ impl Transaction {
                 futs.push(self.prewrite_group(&primary, ms, false, deadline));
             }
             let results = futures::future::join_all(futs).await;
-            drop(ttl_guard);
+            ttl_guard.abort();
             if let Some(e) = results.into_iter().find_map(|r| r.err()) {
                 self.rollback_keys(&keys, deadline).await;
                 return Err(e);
@@ -279,9 +291,21 @@ impl Transaction {
         fail::fail_point!(FP_AFTER_PREWRITE, |_| Err(Error::TxnAborted(
             "failpoint: client stopped after prewrite".into()
         )));
+        Ok(None)
+    }
+
+    /// Phase two, after [`prewrite`](Self::prewrite) returned `None`: commits the primary (the
+    /// commit point), then the secondaries.
+    pub async fn commit_prewritten(self) -> Result<u64> {
+        let primary = self
+            .primary
+            .clone()
+            .ok_or_else(|| Error::InvalidArgument("commit before prewrite".into()))?;
+        let keys: Vec<Vec<u8>> = self.buffer.keys().cloned().collect();
+        let deadline = self.client.deadline();
         let mut commit_ts = self.client.tso().await?;
-        // The commit point: the primary. A reader may have pushed the primary's minimum
-        // commit timestamp past ours: take a newer one.
+        // A reader may have pushed the primary's minimum commit timestamp past ours: take a
+        // newer one.
         loop {
             match self
                 .commit_keys(std::slice::from_ref(&primary), commit_ts, deadline)
@@ -298,18 +322,7 @@ impl Transaction {
         let secondaries: Vec<Vec<u8>> = keys.into_iter().filter(|k| *k != primary).collect();
         if !secondaries.is_empty() {
             // Committed already; secondaries are cleaned up now (or later by readers).
-            let client = self.client.clone();
-            let start_ts = self.start_ts;
-            let t = Transaction {
-                client,
-                start_ts,
-                opts: self.opts.clone(),
-                buffer: BTreeMap::new(),
-                pessimistic_keys: vec![],
-                primary: None,
-                done: true,
-            };
-            if let Err(e) = t.commit_keys(&secondaries, commit_ts, deadline).await {
+            if let Err(e) = self.commit_keys(&secondaries, commit_ts, deadline).await {
                 tracing::debug!(error = %e, "committing secondaries (readers will resolve them)");
             }
         }

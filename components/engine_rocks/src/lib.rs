@@ -128,7 +128,12 @@ impl RocksEngine {
             .map(|cf| {
                 let v = PROPS
                     .iter()
-                    .map(|p| (p.trim_start_matches("rocksdb.").to_string(), self.property_int_cf(cf, p).unwrap_or(0)))
+                    .map(|p| {
+                        (
+                            p.trim_start_matches("rocksdb.").to_string(),
+                            self.property_int_cf(cf, p).unwrap_or(0),
+                        )
+                    })
                     .collect();
                 (cf.to_string(), v)
             })
@@ -424,14 +429,21 @@ mod bench_tests {
         let start = std::time::Instant::now();
         let mut x: u64 = 12345;
         for i in 0..n {
-            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             let k = format!("bench/{:010}", x % 10_000);
             let mut wb = e.write_batch();
             let mut dk = k.clone().into_bytes();
             dk.extend_from_slice(&(!i).to_be_bytes());
             wb.put_cf(CF_DEFAULT, &dk, &[7u8; 256]).unwrap();
             wb.put_cf(CF_WRITE, &dk, &[1u8; 24]).unwrap();
-            wb.put_cf(CF_RAFT, &[1, 0, 0, 0, 0, 0, 0, 0, (x % 16) as u8, 3], &[2u8; 30]).unwrap();
+            wb.put_cf(
+                CF_RAFT,
+                &[1, 0, 0, 0, 0, 0, 0, 0, (x % 16) as u8, 3],
+                &[2u8; 30],
+            )
+            .unwrap();
             e.write(wb, false).unwrap();
         }
         let per = start.elapsed() / n as u32;

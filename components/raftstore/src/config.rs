@@ -159,7 +159,9 @@ impl Config {
         if self.store_pool_size > 0 {
             return self.store_pool_size;
         }
-        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+        let cores = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2);
         (cores / 4).clamp(1, 4)
     }
 

@@ -65,6 +65,16 @@ pub async fn serve(
         .await
 }
 
+/// Resolves `HOST:PORT` (a name or an address) to the first socket address.
+pub async fn resolve(addr: &str) -> std::io::Result<SocketAddr> {
+    tokio::net::lookup_host(addr).await?.next().ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{addr} resolves to nothing"),
+        )
+    })
+}
+
 /// Binds now (so the caller learns of a taken port at once) and serves in the background.
 pub async fn spawn(
     addr: SocketAddr,
