@@ -5,7 +5,9 @@ set -euo pipefail
 
 have_libclang() {
   for d in /usr/lib/llvm-*/lib /usr/lib/x86_64-linux-gnu /usr/lib64 /usr/lib; do
-    ls "$d"/libclang.so* "$d"/libclang-*.so* >/dev/null 2>&1 && return 0
+    # libclang-cpp.so is a different library: bindgen needs libclang.so itself
+    ls "$d"/libclang.so* >/dev/null 2>&1 && return 0
+    ls "$d"/libclang-[0-9]*.so* >/dev/null 2>&1 && return 0
   done
   return 1
 }
