@@ -78,6 +78,11 @@ enum Cmd {
     Members,
     /// A timestamp from the PD leader.
     Tso,
+    /// The GC safe point (versions below it are garbage); `--safe-point TS` raises it.
+    Gc {
+        #[arg(long)]
+        safe_point: Option<u64>,
+    },
     /// Split the regions holding these keys at them.
     Split { keys: Vec<String> },
     /// Store operations.
@@ -281,6 +286,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     "id": s.id, "address": s.address, "state": state_name(s.state),
                     "region_count": i.region_count, "leader_count": i.leader_count,
                     "status_address": s.status_address, "is_down": i.is_down,
+                    "last_heartbeat_ms": s.last_heartbeat_ms,
                 }));
             }
             print(out, rows.join("\n"), json!({"stores": arr}));
@@ -363,6 +369,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 json!({"physical": physical, "logical": logical, "ts": ts}),
             );
         }
+        Cmd::Gc { safe_point } => {
+            let sp = match safe_point {
+                Some(ts) => c.pd().update_gc_safe_point(ts).await?,
+                None => c.pd().get_gc_safe_point().await?,
+            };
+            let physical = atoll_pd_client::ts_physical_ms(sp);
+            print(
+                out,
+                format!("safe point {sp}\tphysical={physical}"),
+                json!({"safe_point": sp, "physical": physical}),
+            );
+        }
         Cmd::Split { keys } => {
             if keys.is_empty() {
                 anyhow::bail!("split needs at least one key");
@@ -439,6 +457,11 @@ fn main() {
     let cli = Cli::parse();
     let quiet = matches!(cli.cmd, Cmd::Playground(_));
     atoll_util::logging::init(if quiet { "info" } else { "warn" });
+    // Client failpoints (e.g. `client::txn_after_prewrite=panic`: a client dying mid-commit).
+    if let Err(e) = atoll_util::failpoints::setup_from_env() {
+        eprintln!("kvctl: FAILPOINTS: {e}");
+        std::process::exit(2);
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

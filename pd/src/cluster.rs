@@ -602,6 +602,17 @@ impl Cluster {
         Ok(sp)
     }
 
+    /// Moves the safe point up to `now - life_time` (never down).
+    pub async fn advance_gc_safe_point(&self, life_time: Duration) -> PdResult<u64> {
+        let (physical, _) = self.tso.alloc(1).await?;
+        let sp_ms = physical.saturating_sub(life_time.as_millis() as i64);
+        if sp_ms <= 0 {
+            return self.gc_safe_point();
+        }
+        // Same layout as the TSO: physical milliseconds << 18 | logical.
+        self.update_gc_safe_point((sp_ms as u64) << 18).await
+    }
+
     pub fn gc_safe_point(&self) -> PdResult<u64> {
         self.ensure_leader()?;
         Ok(self.node.state.read().gc_safe_point)

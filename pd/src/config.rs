@@ -23,6 +23,7 @@ pub struct PdConfig {
     pub raft: PdRaftConfig,
     pub schedule: ScheduleConfig,
     pub tso: TsoConfig,
+    pub gc: GcConfig,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -83,6 +84,7 @@ impl Default for PdConfig {
             raft: PdRaftConfig::default(),
             schedule: ScheduleConfig::default(),
             tso: TsoConfig::default(),
+            gc: GcConfig::default(),
         }
     }
 }
@@ -112,6 +114,27 @@ impl Default for ScheduleConfig {
             operator_timeout: ReadableDuration::secs(60),
             tolerance_ratio: 0.1,
             enable_balance: true,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
+pub struct GcConfig {
+    /// Versions older than this are garbage: the leader keeps the GC safe point at
+    /// `now - life-time` (a TSO timestamp). A snapshot read or transaction older than this
+    /// fails with "snapshot too old". `0s` turns automatic GC off (the safe point then only
+    /// moves when set by hand: `kvctl gc --safe-point TS`).
+    pub life_time: ReadableDuration,
+    /// How often the leader advances the safe point.
+    pub run_interval: ReadableDuration,
+}
+
+impl Default for GcConfig {
+    fn default() -> Self {
+        GcConfig {
+            life_time: ReadableDuration::secs(600),
+            run_interval: ReadableDuration::secs(10),
         }
     }
 }

@@ -35,6 +35,9 @@ struct Args {
     /// A store silent this long has its peers replaced (e.g. 30m, 20s).
     #[arg(long)]
     max_store_down_time: Option<String>,
+    /// Versions older than this are garbage collected (e.g. 10m; 0s: off).
+    #[arg(long)]
+    gc_life_time: Option<String>,
     #[arg(long)]
     log_level: Option<String>,
     /// TOML configuration; flags win over it.
@@ -79,6 +82,11 @@ fn build_config(a: Args) -> anyhow::Result<PdConfig> {
             .parse()
             .map_err(|e| anyhow::anyhow!("--max-store-down-time: {e}"))?;
     }
+    if let Some(v) = a.gc_life_time {
+        c.gc.life_time = v
+            .parse()
+            .map_err(|e| anyhow::anyhow!("--gc-life-time: {e}"))?;
+    }
     if let Some(v) = a.log_level {
         c.log_level = v;
     }
@@ -95,6 +103,7 @@ fn main() {
         }
     };
     atoll_util::logging::init(&cfg.log_level);
+    atoll_util::abort_on_panic();
     if let Err(e) = atoll_util::failpoints::setup_from_env() {
         eprintln!("pd-server: FAILPOINTS: {e}");
         std::process::exit(2);

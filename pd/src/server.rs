@@ -138,11 +138,13 @@ impl PdServer {
         tasks.push(tokio::spawn(cluster.clone().run_persister(stop_rx.clone())));
         let c = cluster.clone();
         let interval = cfg.schedule.schedule_interval.0;
+        let gc = cfg.gc.clone();
         let mut rx = stop_rx.clone();
         tasks.push(tokio::spawn(async move {
             let mut last_epoch = 0;
             let mut t = tokio::time::interval(interval.min(Duration::from_millis(200)));
             let mut last_tick = std::time::Instant::now();
+            let mut last_gc = std::time::Instant::now();
             loop {
                 tokio::select! {
                     _ = t.tick() => {}
@@ -163,6 +165,12 @@ impl PdServer {
                 if last_tick.elapsed() >= interval {
                     last_tick = std::time::Instant::now();
                     c.tick().await;
+                }
+                if !gc.life_time.0.is_zero() && last_gc.elapsed() >= gc.run_interval.0 {
+                    last_gc = std::time::Instant::now();
+                    if let Err(e) = c.advance_gc_safe_point(gc.life_time.0).await {
+                        tracing::warn!(error = %e, "cannot advance the GC safe point");
+                    }
                 }
             }
         }));

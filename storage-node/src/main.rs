@@ -36,6 +36,9 @@ struct Args {
     /// Largest value accepted (e.g. 8MiB).
     #[arg(long)]
     max_value_size: Option<String>,
+    /// How often GC looks for a new safe point at PD (e.g. 60s).
+    #[arg(long)]
+    gc_interval: Option<String>,
     #[arg(long)]
     log_level: Option<String>,
     /// Test-only: serve `unsafe_local_read` requests (reads on any peer without ReadIndex).
@@ -87,6 +90,11 @@ fn build_config(a: Args) -> anyhow::Result<NodeConfig> {
             .parse()
             .map_err(|e| anyhow::anyhow!("--max-value-size: {e}"))?;
     }
+    if let Some(v) = a.gc_interval {
+        c.storage.gc_interval = v
+            .parse()
+            .map_err(|e| anyhow::anyhow!("--gc-interval: {e}"))?;
+    }
     if let Some(v) = a.log_level {
         c.log_level = v;
     }
@@ -106,6 +114,7 @@ fn main() {
         }
     };
     atoll_util::logging::init(&cfg.log_level);
+    atoll_util::abort_on_panic();
     if let Err(e) = atoll_util::failpoints::setup_from_env() {
         eprintln!("storage-node: FAILPOINTS: {e}");
         std::process::exit(2);

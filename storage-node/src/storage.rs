@@ -1257,6 +1257,7 @@ impl<E: KvEngine> Storage<E> {
                 continue;
             }
             self.safe_point.store(sp, Ordering::Relaxed);
+            GC_SAFE_POINT.set(sp as i64);
             let n = self.gc_once(sp, &mut stop).await;
             tracing::info!(safe_point = sp, removed = n, "GC pass done");
         }
@@ -1297,9 +1298,13 @@ impl<E: KvEngine> Storage<E> {
                 ) else {
                     break;
                 };
-                removed += mods.len() as u64;
-                if self.propose(&ctx, &snap.region, mods).await.is_err() {
-                    break;
+                let n = mods.len() as u64;
+                if n > 0 {
+                    if self.propose(&ctx, &snap.region, mods).await.is_err() {
+                        break;
+                    }
+                    removed += n;
+                    GC_DELETES.inc_by(n);
                 }
                 match resume {
                     Some(k) => from = k,
@@ -1312,3 +1317,18 @@ impl<E: KvEngine> Storage<E> {
         removed
     }
 }
+
+atoll_util::metric!(
+    /// Engine deletes issued by GC (old versions and their values) below the safe point.
+    static GC_DELETES: atoll_util::metrics::IntCounter = int_counter(
+        "atoll_gc_deletes_total",
+        "Engine deletes issued by GC (old versions and their values)"
+    )
+);
+atoll_util::metric!(
+    /// The GC safe point this store last acted on (a TSO timestamp).
+    static GC_SAFE_POINT: atoll_util::metrics::IntGauge = int_gauge(
+        "atoll_gc_safe_point",
+        "GC safe point this store last acted on (TSO timestamp)"
+    )
+);

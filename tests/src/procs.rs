@@ -3,9 +3,11 @@
 //! stopped (SIGKILL) when the cluster is dropped.
 
 use serde_json::Value;
-use std::net::TcpListener;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream, ToSocketAddrs};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
 /// Where the binaries are: `ATOLL_BIN_DIR`, else next to the test executable's folder
@@ -69,6 +71,12 @@ impl Proc {
     }
 
     pub fn start(&mut self) {
+        // A process that exited by itself (a crash) may be started again.
+        if let Some(c) = self.child.as_mut() {
+            if matches!(c.try_wait(), Ok(Some(_))) {
+                self.child = None;
+            }
+        }
         assert!(self.child.is_none(), "{} already running", self.name);
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -86,6 +94,17 @@ impl Proc {
             );
         for (k, v) in &self.env {
             cmd.env(k, v);
+        }
+        // Processes that crash on purpose (failpoints, abort on panic) leave no core files.
+        unsafe {
+            cmd.pre_exec(|| {
+                let lim = libc::rlimit {
+                    rlim_cur: 0,
+                    rlim_max: 0,
+                };
+                libc::setrlimit(libc::RLIMIT_CORE, &lim);
+                Ok(())
+            });
         }
         self.child = Some(
             cmd.spawn()
@@ -143,6 +162,32 @@ impl Proc {
         self.start();
     }
 
+    /// Waits up to `timeout` for the process to exit by itself; its exit status if it did.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(c) = self.child.as_mut() {
+                if let Ok(Some(st)) = c.try_wait() {
+                    return Some(st);
+                }
+            } else {
+                return None;
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Sets (or, with `None`, removes) an environment variable for the next starts.
+    pub fn set_env(&mut self, key: &str, value: Option<&str>) {
+        self.env.retain(|(k, _)| k != key);
+        if let Some(v) = value {
+            self.env.push((key.into(), v.into()));
+        }
+    }
+
     pub fn log_tail(&self, lines: usize) -> String {
         let s = std::fs::read_to_string(&self.log).unwrap_or_default();
         let v: Vec<&str> = s.lines().collect();
@@ -160,6 +205,8 @@ pub struct PdProc {
     pub proc_: Proc,
     pub client_addr: String,
     pub peer_addr: String,
+    /// HTTP: /metrics, /status, /fail/<name>.
+    pub status_addr: String,
     pub name: String,
 }
 
@@ -179,6 +226,8 @@ pub struct ClusterOpts {
     pub pd_args: Vec<String>,
     /// FAILPOINTS for the storage nodes.
     pub store_failpoints: Option<String>,
+    /// FAILPOINTS for the PD members.
+    pub pd_failpoints: Option<String>,
 }
 
 pub struct ProcCluster {
@@ -215,6 +264,7 @@ impl ProcCluster {
             .collect::<Vec<_>>()
             .join(",");
         for (name, client, peer) in &members {
+            let status = format!("127.0.0.1:{}", free_port());
             let mut args = vec![
                 "--name".into(),
                 name.clone(),
@@ -226,14 +276,21 @@ impl ProcCluster {
                 peer.clone(),
                 "--initial-cluster".into(),
                 initial.clone(),
+                "--status-addr".into(),
+                status.clone(),
             ];
             args.extend(opts.pd_args.iter().cloned());
+            let mut env = vec![];
+            if let Some(fp) = &opts.pd_failpoints {
+                env.push(("FAILPOINTS".into(), fp.clone()));
+            }
             let log = c.dir.path().join(format!("{name}.log"));
-            let p = Proc::spawn(bin("pd-server"), name, args, vec![], log);
+            let p = Proc::spawn(bin("pd-server"), name, args, env, log);
             c.pds.push(PdProc {
                 proc_: p,
                 client_addr: client.clone(),
                 peer_addr: peer.clone(),
+                status_addr: status,
                 name: name.clone(),
             });
         }
@@ -257,6 +314,12 @@ impl ProcCluster {
     }
 
     pub fn add_store_with(&mut self, extra: &[String]) -> usize {
+        self.add_store_with_env(extra, &[])
+    }
+
+    /// Starts one more storage node with extra flags and environment (e.g. its own
+    /// `FAILPOINTS`, which replaces [`ClusterOpts::store_failpoints`]); returns its index.
+    pub fn add_store_with_env(&mut self, extra: &[String], extra_env: &[(&str, &str)]) -> usize {
         let i = self.stores.len();
         let addr = format!("127.0.0.1:{}", free_port());
         let status = format!("127.0.0.1:{}", free_port());
@@ -273,9 +336,13 @@ impl ProcCluster {
         ];
         args.extend(self.opts.store_args.iter().cloned());
         args.extend(extra.iter().cloned());
-        let mut env = vec![];
+        let mut env: Vec<(String, String)> = vec![];
         if let Some(fp) = &self.opts.store_failpoints {
             env.push(("FAILPOINTS".into(), fp.clone()));
+        }
+        for (k, v) in extra_env {
+            env.retain(|(x, _)| x != k);
+            env.push((k.to_string(), v.to_string()));
         }
         let log = self.dir.path().join(format!("{name}.log"));
         let p = Proc::spawn(bin("storage-node"), &name, args, env, log);
@@ -365,4 +432,86 @@ pub fn kvctl(pd: &str, args: &[&str]) -> Output {
         .env("RUST_LOG", "error")
         .output()
         .expect("run kvctl")
+}
+
+/// One HTTP/1.1 request with a std `TcpStream` (the status servers speak plain HTTP);
+/// returns the status code and body.
+pub fn http(addr: &str, method: &str, path: &str, body: &str) -> std::io::Result<(u16, String)> {
+    let sa = addr
+        .to_socket_addrs()?
+        .next()
+        .ok_or_else(|| std::io::Error::other(format!("{addr} resolves to nothing")))?;
+    let mut s = TcpStream::connect_timeout(&sa, Duration::from_secs(5))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    s.set_write_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: text/plain\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    let text = String::from_utf8_lossy(&raw).to_string();
+    let code = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse::<u16>().ok())
+        .ok_or_else(|| std::io::Error::other(format!("bad HTTP answer: {text:?}")))?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((code, body))
+}
+
+/// Sets failpoint `name` to `action` at run time through a status address
+/// (`PUT /fail/<name>`); panics if the server refuses.
+pub fn set_failpoint(status_addr: &str, name: &str, action: &str) {
+    match http(status_addr, "PUT", &format!("/fail/{name}"), action) {
+        Ok((200, _)) => {}
+        other => panic!("PUT /fail/{name} = {action:?} on {status_addr}: {other:?}"),
+    }
+}
+
+/// Removes failpoint `name` at run time (`DELETE /fail/<name>`); panics if that fails.
+pub fn remove_failpoint(status_addr: &str, name: &str) {
+    match http(status_addr, "DELETE", &format!("/fail/{name}"), "") {
+        Ok((200, _)) => {}
+        other => panic!("DELETE /fail/{name} on {status_addr}: {other:?}"),
+    }
+}
+
+/// The active failpoints of a process (`GET /fail`): name and action.
+pub fn list_failpoints(status_addr: &str) -> Vec<(String, String)> {
+    match http(status_addr, "GET", "/fail", "") {
+        Ok((200, body)) => body
+            .lines()
+            .filter_map(|l| l.split_once('='))
+            .map(|(n, a)| (n.to_string(), a.to_string()))
+            .collect(),
+        other => panic!("GET /fail on {status_addr}: {other:?}"),
+    }
+}
+
+/// A status server's `/status` JSON.
+pub fn status_json(status_addr: &str) -> Option<Value> {
+    match http(status_addr, "GET", "/status", "") {
+        Ok((200, body)) => serde_json::from_str(&body).ok(),
+        _ => None,
+    }
+}
+
+/// Runs kvctl with extra environment variables (e.g. `FAILPOINTS`).
+pub fn kvctl_env(pd: &str, args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut a: Vec<&str> = vec!["--pd", pd];
+    a.extend_from_slice(args);
+    let mut cmd = Command::new(bin("kvctl"));
+    cmd.args(&a)
+        .env("RUST_LOG", "error")
+        .env_remove("FAILPOINTS");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("run kvctl")
 }

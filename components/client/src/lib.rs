@@ -46,6 +46,11 @@ pub struct ClientConfig {
     pub max_value_size: usize,
     /// Scan page size per region request.
     pub scan_batch: u32,
+    /// TEST ONLY, deliberately unsafe: plain `get`s go to a random peer, which answers from
+    /// whatever it has applied, without ReadIndex (stale reads). Needs stores started with
+    /// `--allow-unsafe-local-read`. Exists so that the chaos suite can show its checker
+    /// catches a broken read path.
+    pub unsafe_follower_read: bool,
 }
 
 impl ClientConfig {
@@ -57,6 +62,7 @@ impl ClientConfig {
             max_key_size: atoll_keys::DEFAULT_MAX_KEY_SIZE,
             max_value_size: atoll_keys::DEFAULT_MAX_VALUE_SIZE,
             scan_batch: 1024,
+            unsafe_follower_read: false,
         }
     }
 }
@@ -373,6 +379,11 @@ impl Client {
     /// The latest committed value of `key` (linearizable).
     pub async fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
         self.check_key(key)?;
+        if self.cfg.unsafe_follower_read {
+            if let Some(v) = self.get_unsafe_local(key).await {
+                return Ok(v);
+            }
+        }
         let deadline = self.deadline();
         // First at "latest"; if a transaction's lock is in the way, read at a fresh timestamp
         // so that locks can be pushed or resolved instead of waited for.
@@ -427,6 +438,43 @@ impl Client {
                 },
             }
         }
+    }
+
+    /// The deliberately broken read path of [`ClientConfig::unsafe_follower_read`]: one
+    /// attempt on a random peer; `None` (use the safe path) on any error.
+    async fn get_unsafe_local(&self, key: &[u8]) -> Option<Option<Vec<u8>>> {
+        let region = self.cache.locate(key).await.ok()?;
+        let peers = &region.region.peers;
+        if peers.is_empty() {
+            return None;
+        }
+        let peer = peers[rand::random::<usize>() % peers.len()];
+        let addr = self.cache.store_addr(peer.store_id).await.ok()?;
+        let mut c = self.conn(&addr).ok()?;
+        let req = kvrpcpb::GetRequest {
+            context: Some(kvrpcpb::Context {
+                region_id: region.region.id,
+                region_epoch: region.region.region_epoch,
+                peer: Some(peer),
+                unsafe_local_read: true,
+                ..Default::default()
+            }),
+            key: key.to_vec(),
+            version: 0,
+        };
+        let resp = tokio::time::timeout(self.cfg.rpc_timeout, c.kv_get(req))
+            .await
+            .ok()?
+            .ok()?
+            .into_inner();
+        if resp.region_error.is_some() || resp.error.is_some() {
+            return None;
+        }
+        Some(if resp.not_found {
+            None
+        } else {
+            Some(resp.value)
+        })
     }
 
     /// Reads `key` at snapshot `version` (resolving locks in the way).

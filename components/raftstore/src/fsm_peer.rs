@@ -611,11 +611,18 @@ impl<E: KvEngine> PeerFsm<E> {
     }
 
     fn on_snapshot_applied(&mut self, ctx: &StoreContext<E>, ok: bool) {
-        self.peer.applying_snapshot = false;
         if !ok {
-            tracing::error!(tag = %self.peer.tag, "snapshot apply failed; the region stays unavailable on this store");
+            // Raft already counts the snapshot as applied (its states are persisted, the
+            // region is marked `Applying` on disk): the data must go in before anything else
+            // does. The received file is kept until an apply succeeds; try it again, backing
+            // off, and keep holding the committed entries meanwhile.
+            ctx.metrics.on_snapshot("apply_failed");
+            self.retry_snapshot_apply(ctx);
             return;
         }
+        self.peer.applying_snapshot = false;
+        self.peer.applying_snap = None;
+        self.peer.snap_apply_failures = 0;
         ctx.metrics.on_snapshot("applied");
         let region = self.peer.region().clone();
         for p in &region.peers {
@@ -641,6 +648,32 @@ impl<E: KvEngine> PeerFsm<E> {
             let _ = ctx
                 .router
                 .force_send(self.region_id(), PeerMsg::RaftMessage(Box::new(m)));
+        }
+    }
+
+    /// Schedules the apply of the pending snapshot again, after a back-off (the region worker
+    /// holds it until then; no tick is needed, the region may well be hibernating).
+    fn retry_snapshot_apply(&mut self, ctx: &StoreContext<E>) {
+        self.peer.snap_apply_failures += 1;
+        let n = self.peer.snap_apply_failures;
+        let delay = std::time::Duration::from_millis(100u64 << (n.min(7) - 1))
+            .min(std::time::Duration::from_secs(5));
+        if self.peer.pending_remove {
+            return;
+        }
+        let Some((meta, apply_state)) = self.peer.applying_snap.clone() else {
+            tracing::error!(tag = %self.peer.tag, "snapshot apply failed, and there is nothing to retry");
+            return;
+        };
+        tracing::warn!(tag = %self.peer.tag, failures = n, ?delay, "snapshot apply failed; trying again");
+        let task = RegionTask::ApplySnapshot {
+            region: self.peer.region().clone(),
+            meta,
+            apply_state,
+            not_before: Some(Instant::now() + delay),
+        };
+        if ctx.region_tx.send(task).is_err() {
+            tracing::error!(tag = %self.peer.tag, "region worker gone; snapshot not applied");
         }
     }
 
@@ -815,10 +848,13 @@ impl<E: KvEngine> PollHandler<PeerFsm<E>> for RaftPoller<E> {
             if let Some(meta) = snap {
                 let region = fsm.peer.region().clone();
                 let state = fsm.peer.raft_group.store().apply_state;
+                fsm.peer.applying_snap = Some((meta.clone(), state));
+                fsm.peer.snap_apply_failures = 0;
                 let task = RegionTask::ApplySnapshot {
                     region,
                     meta,
                     apply_state: state,
+                    not_before: None,
                 };
                 if ctx.region_tx.send(task).is_err() {
                     tracing::error!(tag = %fsm.peer.tag, "region worker gone; snapshot not applied");

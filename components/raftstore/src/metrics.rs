@@ -43,6 +43,10 @@ pub struct StoreMetrics {
     pub snapshots_applied: AtomicU64,
     pub snapshots_sent: AtomicU64,
     pub snapshots_received: AtomicU64,
+    /// Snapshot generations that failed (each is retried).
+    pub snapshots_generate_failed: AtomicU64,
+    /// Snapshot applies that failed (each is retried).
+    pub snapshots_apply_failed: AtomicU64,
 }
 
 fn inc(a: &AtomicU64, n: u64) {
@@ -81,6 +85,8 @@ impl StoreMetrics {
             "applied" => inc(&self.snapshots_applied, 1),
             "sent" => inc(&self.snapshots_sent, 1),
             "received" => inc(&self.snapshots_received, 1),
+            "generate_failed" => inc(&self.snapshots_generate_failed, 1),
+            "apply_failed" => inc(&self.snapshots_apply_failed, 1),
             _ => {}
         }
         SNAPSHOTS.with_label_values(&[stage]).inc();

@@ -60,6 +60,12 @@ pub struct Peer<E: KvEngine> {
     pub applying_snapshot: bool,
     /// Committed entries held while a snapshot is being applied.
     pub pending_committed: Vec<Entry>,
+    /// The snapshot being applied (its metadata and the apply state it sets), kept so that a
+    /// failed apply can be tried again: raft already counts the snapshot as applied, so the
+    /// peer must not go on (nor serve) until its data is in.
+    pub applying_snap: Option<(SnapshotMeta, atoll_proto::raft_serverpb::RaftApplyState)>,
+    /// Failed attempts at applying `applying_snap`.
+    pub snap_apply_failures: u32,
     pending_ready: Option<Ready>,
     pending_snapshot: Option<SnapshotMeta>,
     pub leader_missing_since: Option<Instant>,
@@ -134,6 +140,8 @@ impl<E: KvEngine> Peer<E> {
             pending_remove: false,
             applying_snapshot: false,
             pending_committed: vec![],
+            applying_snap: None,
+            snap_apply_failures: 0,
             pending_ready: None,
             pending_snapshot: None,
             leader_missing_since: None,

@@ -13,9 +13,10 @@ use atoll_engine::{
 };
 use atoll_proto::metapb;
 use atoll_proto::raft_serverpb::{PeerState, RaftApplyState, SnapshotMeta};
-use crossbeam_channel::Receiver;
+use crossbeam_channel::{Receiver, RecvTimeoutError};
 use raft::eraftpb::{Snapshot, SnapshotMetadata};
 use std::sync::Arc;
+use std::time::Instant;
 
 pub enum RegionTask<E: KvEngine> {
     GenSnapshot {
@@ -29,6 +30,8 @@ pub enum RegionTask<E: KvEngine> {
         region: metapb::Region,
         meta: SnapshotMeta,
         apply_state: RaftApplyState,
+        /// A retry after a failed apply: not before then (the worker holds it meanwhile).
+        not_before: Option<Instant>,
     },
     Stop,
 }
@@ -48,7 +51,38 @@ pub struct SplitCheckTask<E: KvEngine> {
 }
 
 pub fn run_region_worker<E: KvEngine>(ctx: Arc<StoreContext<E>>, rx: Receiver<RegionTask<E>>) {
-    while let Ok(task) = rx.recv() {
+    // Retries waiting for their time.
+    let mut delayed: Vec<(Instant, RegionTask<E>)> = vec![];
+    loop {
+        let next_due = delayed.iter().map(|(t, _)| *t).min();
+        let task = match next_due {
+            Some(due) if due <= Instant::now() => {
+                let i = delayed
+                    .iter()
+                    .position(|(t, _)| *t == due)
+                    .expect("the earliest delayed task");
+                delayed.swap_remove(i).1
+            }
+            Some(due) => match rx.recv_timeout(due.saturating_duration_since(Instant::now())) {
+                Ok(t) => t,
+                Err(RecvTimeoutError::Timeout) => continue,
+                Err(RecvTimeoutError::Disconnected) => break,
+            },
+            None => match rx.recv() {
+                Ok(t) => t,
+                Err(_) => break,
+            },
+        };
+        if let RegionTask::ApplySnapshot {
+            not_before: Some(t),
+            ..
+        } = &task
+        {
+            if *t > Instant::now() {
+                delayed.push((*t, task));
+                continue;
+            }
+        }
         match task {
             RegionTask::GenSnapshot {
                 region,
@@ -59,7 +93,9 @@ pub fn run_region_worker<E: KvEngine>(ctx: Arc<StoreContext<E>>, rx: Receiver<Re
             } => {
                 let res = gen_snapshot(&ctx, &region, &snap, index, term);
                 if let Err(e) = &res {
+                    // The peer's storage asks again the next time raft wants to send it.
                     tracing::warn!(region_id = region.id, error = %e, "generate snapshot");
+                    ctx.metrics.on_snapshot("generate_failed");
                 } else {
                     ctx.metrics.on_snapshot("generated");
                 }
@@ -70,7 +106,18 @@ pub fn run_region_worker<E: KvEngine>(ctx: Arc<StoreContext<E>>, rx: Receiver<Re
                 region,
                 meta,
                 apply_state,
+                not_before,
             } => {
+                // A retry is for a peer still waiting on this snapshot (not destroyed since).
+                if not_before.is_some() {
+                    match storage::load_region_state(&ctx.engine, region.id) {
+                        Ok(Some(s)) if s.state == PeerState::Applying as i32 => {}
+                        other => {
+                            tracing::info!(region_id = region.id, state = ?other.map(|s| s.map(|s| s.state)), "snapshot no longer pending; retry dropped");
+                            continue;
+                        }
+                    }
+                }
                 let ok = match apply_snapshot(&ctx, &region, &meta, &apply_state) {
                     Ok(()) => true,
                     Err(e) => {

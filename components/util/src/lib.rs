@@ -20,6 +20,19 @@ pub mod metrics;
 pub mod status;
 pub mod sys;
 
+/// Makes a panic on any thread end the process (after the usual panic message and an error
+/// log line), as a server must: a storage node whose raft poller or worker thread died would
+/// otherwise keep answering while part of it no longer runs. Crash failpoints (`panic`) rely
+/// on this to model a crash.
+pub fn abort_on_panic() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        default(info);
+        tracing::error!("{info}; aborting the process");
+        std::process::abort();
+    }));
+}
+
 /// Milliseconds since the unix epoch, from the wall clock.
 pub fn unix_millis() -> u64 {
     std::time::SystemTime::now()
