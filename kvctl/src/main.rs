@@ -25,6 +25,9 @@ struct Cli {
     /// Give up on a request after this many seconds.
     #[arg(long, global = true, default_value_t = 20.0)]
     timeout: f64,
+    /// HTTP/2 connections to each store (requests are spread over them).
+    #[arg(long, global = true, default_value_t = 1)]
+    conns: usize,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -125,6 +128,7 @@ async fn client(cli: &Cli) -> anyhow::Result<Arc<Client>> {
     }
     cfg.timeout = Duration::from_secs_f64(cli.timeout.max(0.1));
     cfg.rpc_timeout = cfg.timeout.min(Duration::from_secs(5));
+    cfg.connections_per_store = cli.conns.max(1);
     Ok(Client::connect(cfg).await?)
 }
 

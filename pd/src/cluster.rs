@@ -3,7 +3,7 @@
 //! region statistics, the stores' heartbeat streams), and the operations of the PD API.
 
 use crate::config::PdConfig;
-use crate::id::IdAllocator;
+use crate::id::{FreshIds, IdAllocator};
 use crate::raft_node::{NodeError, RaftNode};
 use crate::schedule::coordinator::Coordinator;
 use crate::schedule::{ClusterSnapshot, RegionView, StoreView};
@@ -82,7 +82,6 @@ pub struct Cluster {
     pub tso: Tso,
     vol: RwLock<Volatile>,
     pub coord: Mutex<Coordinator>,
-    id_pool: Mutex<Vec<u64>>,
     /// Regions whose record changed and is not yet persisted (never lost: a set, not a queue).
     dirty: Mutex<std::collections::HashSet<u64>>,
     dirty_notify: tokio::sync::Notify,
@@ -101,7 +100,6 @@ impl Cluster {
             node,
             cfg,
             vol: RwLock::new(Volatile::default()),
-            id_pool: Mutex::new(vec![]),
             dirty: Mutex::new(std::collections::HashSet::new()),
             dirty_notify: tokio::sync::Notify::new(),
             bootstrap_lock: tokio::sync::Mutex::new(()),
@@ -493,11 +491,10 @@ impl Cluster {
             self.mark_dirty(region.id);
         }
         let snap = self.snapshot();
-        let mut pool = self.id_pool.lock();
         Ok(self
             .coord
             .lock()
-            .on_region(&snap, &region, Some(&leader), &mut *pool))
+            .on_region(&snap, &region, Some(&leader), &mut FreshIds(&self.ids)))
     }
 
     pub fn get_region(&self, key: &[u8]) -> PdResult<RegionRecord> {
@@ -687,19 +684,13 @@ impl Cluster {
         if self.ensure_leader().is_err() {
             return;
         }
-        // Keep a pool of ids for new peers.
-        let need = self.id_pool.lock().len() < 256;
-        if need {
-            if let Ok(first) = self.ids.alloc(1024).await {
-                let mut pool = self.id_pool.lock();
-                pool.extend((first..first + 1024).rev());
-            }
+        // Keep ids for new peers at hand (persisted ahead), taken in order from the allocator:
+        // a pool drawn from later would hand out ids smaller than a split's made meanwhile.
+        if let Err(e) = self.ids.reserve(256).await {
+            tracing::debug!(error = %e, "reserve ids");
         }
         let snap = self.snapshot();
-        let steps = {
-            let mut pool = self.id_pool.lock();
-            self.coord.lock().tick(&snap, &mut *pool)
-        };
+        let steps = self.coord.lock().tick(&snap, &mut FreshIds(&self.ids));
         for s in steps {
             self.push(&snap, s);
         }

@@ -1,5 +1,9 @@
 //! The id allocator: ids are handed out from memory below a high-water mark persisted through
 //! raft in steps; a new leader starts above the last persisted mark, so no id is ever reused.
+//!
+//! Ids are handed out in increasing order, whoever asks (a split, a new store, a scheduler
+//! adding a peer): the stores rely on it, since a message to a peer of a region with a larger id
+//! than theirs means they were replaced, and a tombstone blocks the peer ids up to its own.
 
 use crate::raft_node::{NodeError, RaftNode};
 use crate::state::{u64_value, KEY_ID_HWM};
@@ -41,6 +45,51 @@ impl IdAllocator {
             return Err(NodeError::NotLeader);
         }
         let mut g = self.inner.lock().await;
+        self.open(&mut g, epoch, count).await?;
+        let first = g.next;
+        g.next += count;
+        Ok(first)
+    }
+
+    /// Makes sure `count` ids can be had from [`try_next`](Self::try_next) without persisting.
+    pub async fn reserve(&self, count: u64) -> Result<(), NodeError> {
+        let epoch = self
+            .node
+            .status
+            .leader_epoch
+            .load(std::sync::atomic::Ordering::Acquire);
+        if !self.node.status.is_ready_leader() {
+            return Err(NodeError::NotLeader);
+        }
+        let mut g = self.inner.lock().await;
+        self.open(&mut g, epoch, count).await
+    }
+
+    /// One id now, without waiting: from the window already persisted, in order with
+    /// [`alloc`](Self::alloc). `None` when the window is used up or not set up for this
+    /// leadership, or the allocator is busy persisting ([`reserve`](Self::reserve) first).
+    /// For the schedulers, which pick new peers' ids synchronously.
+    pub fn try_next(&self) -> Option<u64> {
+        let epoch = self
+            .node
+            .status
+            .leader_epoch
+            .load(std::sync::atomic::Ordering::Acquire);
+        if !self.node.status.is_ready_leader() {
+            return None;
+        }
+        let mut g = self.inner.try_lock().ok()?;
+        if g.epoch != epoch || g.next >= g.end {
+            return None;
+        }
+        let id = g.next;
+        g.next += 1;
+        Some(id)
+    }
+
+    /// Sets the window up for this leadership, and persists a new high-water mark if fewer than
+    /// `count` ids are left below the current one.
+    async fn open(&self, g: &mut Inner, epoch: u64, count: u64) -> Result<(), NodeError> {
         if g.epoch != epoch {
             let hwm = self.node.state.read().id_hwm;
             *g = Inner {
@@ -61,8 +110,16 @@ impl IdAllocator {
             self.node.propose(cmd).await?;
             g.end = new_end;
         }
-        let first = g.next;
-        g.next += count;
-        Ok(first)
+        Ok(())
+    }
+}
+
+/// Ids for the schedulers, straight from the allocator (so that a peer added later always has
+/// a larger id than one created earlier, e.g. by a split).
+pub struct FreshIds<'a>(pub &'a IdAllocator);
+
+impl crate::schedule::IdSource for FreshIds<'_> {
+    fn next_id(&mut self) -> Option<u64> {
+        self.0.try_next()
     }
 }

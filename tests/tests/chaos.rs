@@ -17,13 +17,11 @@ use atoll_client::{Client, ClientConfig, Error};
 use atoll_tests::linearizability::{
     check_with_final_values, CheckOptions, OpKind, Operation, Outcome,
 };
-use atoll_tests::procs::{ClusterOpts, ProcCluster};
+use atoll_tests::procs::{http, ClusterOpts, ProcCluster};
 use parking_lot::Mutex;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::collections::{BTreeMap, HashMap};
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -168,20 +166,6 @@ async fn client_loop(id: u64, cl: Arc<Client>, w: Arc<Workload>, seed: u64) {
             w.rec.record(id, &key, kind, t0, out);
         }
     }
-}
-
-/// `PUT` / `DELETE` on a status address (failpoints at run time).
-fn http(addr: &str, method: &str, path: &str, body: &str) -> std::io::Result<String> {
-    let mut c = TcpStream::connect(addr)?;
-    c.set_read_timeout(Some(Duration::from_secs(3)))?;
-    write!(
-        c,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )?;
-    let mut out = String::new();
-    c.read_to_string(&mut out)?;
-    Ok(out)
 }
 
 #[derive(Debug, Clone, Copy)]

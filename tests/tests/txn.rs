@@ -317,19 +317,11 @@ fn bank_transfers_survive_a_store_crash() {
 
 /// Sum of one counter over every store's `/metrics` (absent = 0).
 fn store_counter(c: &ProcCluster, name: &str) -> u64 {
-    use std::io::{Read, Write};
     let mut total = 0;
     for s in &c.stores {
-        let Ok(mut conn) = std::net::TcpStream::connect(&s.status_addr) else {
+        let Ok((_, body)) = atoll_tests::procs::http(&s.status_addr, "GET", "/metrics", "") else {
             continue;
         };
-        let _ = conn.set_read_timeout(Some(Duration::from_secs(3)));
-        let _ = write!(
-            conn,
-            "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-        );
-        let mut body = String::new();
-        let _ = conn.read_to_string(&mut body);
         total += body
             .lines()
             .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))

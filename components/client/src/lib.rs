@@ -51,6 +51,8 @@ pub struct ClientConfig {
     /// `--allow-unsafe-local-read`. Exists so that the chaos suite can show its checker
     /// catches a broken read path.
     pub unsafe_follower_read: bool,
+    /// HTTP/2 connections per store (requests are spread over them in turn).
+    pub connections_per_store: usize,
 }
 
 impl ClientConfig {
@@ -63,6 +65,7 @@ impl ClientConfig {
             max_value_size: atoll_keys::DEFAULT_MAX_VALUE_SIZE,
             scan_batch: 1024,
             unsafe_follower_read: false,
+            connections_per_store: 1,
         }
     }
 }
@@ -114,7 +117,9 @@ struct TsPool {
 pub struct Client {
     cfg: ClientConfig,
     pub(crate) cache: RegionCache,
-    conns: RwLock<HashMap<String, KvClient<Channel>>>,
+    /// `connections_per_store` HTTP/2 connections per store address, used in turn.
+    conns: RwLock<HashMap<String, Vec<KvClient<Channel>>>>,
+    next_conn: std::sync::atomic::AtomicUsize,
     pool: tokio::sync::Mutex<TsPool>,
     stats: Mutex<ClientStats>,
 }
@@ -149,6 +154,7 @@ impl Client {
             cfg,
             cache: RegionCache::new(pd),
             conns: RwLock::new(HashMap::new()),
+            next_conn: std::sync::atomic::AtomicUsize::new(0),
             pool: tokio::sync::Mutex::new(TsPool { next: 0, end: 0 }),
             stats: Mutex::new(ClientStats::default()),
         })
@@ -189,22 +195,32 @@ impl Client {
     }
 
     fn conn(&self, addr: &str) -> Result<KvClient<Channel>> {
-        if let Some(c) = self.conns.read().get(addr) {
-            return Ok(c.clone());
+        let i = self
+            .next_conn
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if let Some(cs) = self.conns.read().get(addr) {
+            return Ok(cs[i % cs.len()].clone());
         }
-        let ch = Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| Error::InvalidArgument(format!("bad store address {addr:?}: {e}")))?
-            .connect_timeout(Duration::from_secs(2))
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(10))
-            .keep_alive_timeout(Duration::from_secs(5))
-            .initial_stream_window_size(4 << 20)
-            .initial_connection_window_size(16 << 20)
-            .connect_lazy();
-        let c = KvClient::new(ch)
-            .max_decoding_message_size(256 << 20)
-            .max_encoding_message_size(256 << 20);
-        self.conns.write().insert(addr.to_string(), c.clone());
+        let n = self.cfg.connections_per_store.max(1);
+        let mut cs = Vec::with_capacity(n);
+        for _ in 0..n {
+            let ch = Endpoint::from_shared(format!("http://{addr}"))
+                .map_err(|e| Error::InvalidArgument(format!("bad store address {addr:?}: {e}")))?
+                .connect_timeout(Duration::from_secs(2))
+                .tcp_nodelay(true)
+                .http2_keep_alive_interval(Duration::from_secs(10))
+                .keep_alive_timeout(Duration::from_secs(5))
+                .initial_stream_window_size(4 << 20)
+                .initial_connection_window_size(16 << 20)
+                .connect_lazy();
+            cs.push(
+                KvClient::new(ch)
+                    .max_decoding_message_size(256 << 20)
+                    .max_encoding_message_size(256 << 20),
+            );
+        }
+        let c = cs[i % n].clone();
+        self.conns.write().entry(addr.to_string()).or_insert(cs);
         Ok(c)
     }
 

@@ -125,8 +125,12 @@ impl<E: KvEngine> PeerFsm<E> {
         let to = msg.to_peer.unwrap_or_default();
         let from = msg.from_peer.unwrap_or_default();
         if to.id != self.peer.meta.id {
-            if to.id > self.peer.meta.id {
-                // A newer peer of this region was placed on this store: this one is stale.
+            // A newer peer of this region was placed on this store: this one is stale. Only a
+            // sender that knows a newer membership than ours can say so (a stale member still
+            // addressing an old peer of this store must not make the current one go away).
+            let newer_epoch = msg.region_epoch.unwrap_or_default().conf_ver
+                > util::epoch(self.peer.region()).conf_ver;
+            if to.id > self.peer.meta.id && newer_epoch {
                 tracing::info!(tag = %self.peer.tag, newer = to.id, "replaced by a newer peer; destroying");
                 self.start_destroy(ctx);
             } else {
@@ -561,31 +565,24 @@ impl<E: KvEngine> PeerFsm<E> {
         let parts = new_regions.len() as u64 + 1;
         self.peer.approximate_size = self.peer.approximate_size.map(|s| s / parts);
         self.peer.approximate_keys = self.peer.approximate_keys.map(|k| k / parts);
+        // The derived range and the new regions go into the store's map under one lock: a
+        // message for a new region that arrives meanwhile (on the store thread) then finds the
+        // region known and waits for its peer, instead of creating an empty peer that would
+        // take the split's place (and apply entries with no range: data lost on this store).
+        let mut creating = vec![];
         {
             let mut meta = ctx.meta.lock();
             meta.set_region(&derived);
-        }
-        self.peer.republish(ctx);
-        for region in &new_regions {
-            let Some(my) = util::find_peer(region, ctx.store_id).cloned() else {
-                continue;
-            };
-            if let Some(mb) = ctx.router.mailbox(region.id) {
+            for region in &new_regions {
+                let Some(my) = util::find_peer(region, ctx.store_id).cloned() else {
+                    continue;
+                };
                 // A peer already exists. If initialized, it was created some other way (a
-                // snapshot); if not, the split initializes it: replace it.
-                let initialized = ctx.meta.lock().regions.contains_key(&region.id);
-                if initialized {
+                // snapshot); if not, the split initializes it (replaced below).
+                if meta.regions.contains_key(&region.id) && ctx.router.mailbox(region.id).is_some()
+                {
                     continue;
                 }
-                mb.close();
-                ctx.router.unregister(region.id, &mb);
-                if let Some(m) = ctx.apply_router.mailbox(region.id) {
-                    m.close();
-                    ctx.apply_router.unregister(region.id, &m);
-                }
-            }
-            {
-                let mut meta = ctx.meta.lock();
                 if !meta
                     .overlapping(&region.start_key, &region.end_key, region.id)
                     .is_empty()
@@ -594,6 +591,18 @@ impl<E: KvEngine> PeerFsm<E> {
                     continue;
                 }
                 meta.set_region(region);
+                creating.push((region.clone(), my));
+            }
+        }
+        self.peer.republish(ctx);
+        for (region, my) in creating {
+            if let Some(mb) = ctx.router.mailbox(region.id) {
+                mb.close();
+                ctx.router.unregister(region.id, &mb);
+                if let Some(m) = ctx.apply_router.mailbox(region.id) {
+                    m.close();
+                    ctx.apply_router.unregister(region.id, &m);
+                }
             }
             match ctx.create_peer(region.clone(), my, was_leader) {
                 Ok(()) => {}

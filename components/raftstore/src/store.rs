@@ -451,11 +451,12 @@ fn maybe_create_peer<E: KvEngine>(ctx: &Arc<StoreContext<E>>, msg: RaftMessage) 
             let tomb_epoch = util::epoch(&tomb);
             let msg_epoch = msg.region_epoch.unwrap_or_default();
             let tomb_peer = util::find_peer(&tomb, ctx.store_id).map_or(0, |p| p.id);
-            if msg_epoch.conf_ver <= tomb_epoch.conf_ver && to.id <= tomb_peer.max(1) {
-                ctx.metrics.on_dropped("tombstone");
-                return;
-            }
-            if to.id <= tomb_peer {
+            // A peer placed here again after the removal comes with a newer membership than the
+            // tombstone's; anything else is from the past (e.g. a member that missed the removal
+            // still addressing the removed peer) and must not bring it back as a zombie voter of
+            // the old membership. (After removing itself the tombstone's region no longer names
+            // this store, so the peer id alone cannot tell.)
+            if msg_epoch.conf_ver <= tomb_epoch.conf_ver || to.id <= tomb_peer {
                 ctx.metrics.on_dropped("tombstone");
                 return;
             }
@@ -468,6 +469,20 @@ fn maybe_create_peer<E: KvEngine>(ctx: &Arc<StoreContext<E>>, msg: RaftMessage) 
     }
     {
         let mut meta = ctx.meta.lock();
+        if meta.regions.contains_key(&region_id) {
+            // Known here without a peer yet: a split being applied on this store is creating
+            // it (it registers the range first). Hand the message over once the peer exists.
+            meta.park_msg(msg);
+            drop(meta);
+            if ctx.router.mailbox(region_id).is_some() {
+                for m in ctx.meta.lock().take_parked(region_id) {
+                    let _ = ctx
+                        .router
+                        .force_send(region_id, PeerMsg::RaftMessage(Box::new(m)));
+                }
+            }
+            return;
+        }
         let overlaps = meta.overlapping(&msg.start_key, &msg.end_key, region_id);
         if !overlaps.is_empty() {
             // Most likely a split not yet applied here: keep the message for a while.

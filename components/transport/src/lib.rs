@@ -12,7 +12,7 @@
 //!
 //! Failpoints (set with `return(STORE_IDS)`, e.g. `transport::send_drop=return(2,3)`):
 //! [`FP_SEND_DROP`], [`FP_RECV_DROP`] drop messages to/from the listed stores (all stores if
-//! empty); [`FP_SEND_DELAY`] (`sleep(ms)`) delays each flush.
+//! empty); [`FP_SEND_DELAY`] (`return(MS)`) delays each flush by `MS` milliseconds.
 
 mod client;
 mod resolve;
