@@ -130,6 +130,7 @@ fn wait_healthy(c: &ProcCluster, timeout: Duration) {
     });
     if !ok {
         c.dump_logs();
+        save_logs(c);
     }
     assert!(
         ok,
@@ -484,23 +485,28 @@ fn must_store_hold(
     });
     if !ok {
         c.dump_logs();
-        let dst = format!("/tmp/fpdebug-{}", std::process::id());
-        let _ = std::fs::create_dir_all(&dst);
-        for e in std::fs::read_dir(c.path()).unwrap().flatten() {
-            if e.path().extension().is_some_and(|x| x == "log") {
-                let _ = std::fs::copy(
-                    e.path(),
-                    format!("{dst}/{}", e.file_name().to_string_lossy()),
-                );
-            }
-        }
-        eprintln!("DEBUG logs in {dst}");
+        save_logs(c);
     }
     assert!(
         ok,
         "store{} (id {id}) does not hold every acknowledged write: {last}",
         i + 1
     );
+}
+
+/// Copies the cluster's log files somewhere that outlives the test (its directory does not),
+/// for the diagnosis of a failure.
+fn save_logs(c: &ProcCluster) {
+    let dst = std::env::temp_dir().join(format!("atoll-failpoints-logs-{}", std::process::id()));
+    let _ = std::fs::create_dir_all(&dst);
+    if let Ok(rd) = std::fs::read_dir(c.path()) {
+        for e in rd.flatten() {
+            if e.path().extension().is_some_and(|x| x == "log") {
+                let _ = std::fs::copy(e.path(), dst.join(e.file_name()));
+            }
+        }
+    }
+    eprintln!("logs kept in {}", dst.display());
 }
 
 /// PD's record of the region holding `key`.
@@ -632,6 +638,20 @@ fn crash_in_split_and_conf_change_apply_loses_nothing() {
     must_store_hold(&c, &rt, &cl, victim, "adm/", "adm0", &w.acked());
 
     // raftstore::apply_conf_change on another store; a fourth store makes PD move peers.
+    // (Peers made later must have larger ids than the split's: the stores rely on it.)
+    let peer_ids = |c: &ProcCluster, store: Option<u64>| -> Vec<u64> {
+        try_json(c, &["regions"]).map_or(vec![], |v| {
+            v["regions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .flat_map(|r| r["peers"].as_array().cloned().unwrap_or_default())
+                .filter(|p| store.is_none() || p["store_id"].as_u64() == store)
+                .filter_map(|p| p["id"].as_u64())
+                .collect()
+        })
+    };
+    let newest_before = peer_ids(&c, None).into_iter().max().expect("peers");
     let victim2 = (victim + 1) % 3;
     set_failpoint(
         &c.stores[victim2].status_addr,
@@ -656,6 +676,11 @@ fn crash_in_split_and_conf_change_apply_loses_nothing() {
         ok,
         "membership never settled with the new store: {:?}",
         try_json(&c, &["regions"])
+    );
+    let moved = peer_ids(&c, Some(id4));
+    assert!(
+        !moved.is_empty() && moved.iter().all(|id| *id > newest_before),
+        "peers added after the split have smaller ids ({moved:?}) than it made ({newest_before})"
     );
     let acked = w.stop(&rt);
     must_read_back(&c, "adm/", "adm0", &acked);

@@ -313,3 +313,55 @@ fn idle_regions_hibernate_and_wake() {
     c.must_get_equal(b"a", b"2");
     c.must_get_equal(b"a", b"2");
 }
+
+/// A member that missed a peer's removal keeps addressing it; the removed store must not bring
+/// the peer back from such a stale message (a zombie voter of the old membership), while a
+/// peer placed there again later (newer membership, larger id) is welcome.
+#[test]
+fn removed_peer_is_not_revived_by_stale_messages() {
+    use protobuf::Message as _;
+    let mut c = Cluster::new(3);
+    c.run();
+    c.must_put(b"k", b"v");
+    let leader = c.wait_leader(1, Duration::from_secs(10)).unwrap();
+    let old = c.region_by_id(1).unwrap();
+    let victim = *old.peers.iter().find(|p| p.store_id != leader).unwrap();
+    let from = *old.peers.iter().find(|p| p.store_id == leader).unwrap();
+    c.must_remove_peer(1, victim);
+    let router = c.router(victim.store_id).clone();
+    assert!(
+        wait_until(Duration::from_secs(20), || router.region_count() == 0),
+        "removed peer not destroyed"
+    );
+    // A heartbeat from the old membership, to the removed peer.
+    let stale = |to: atoll_proto::metapb::Peer, epoch| {
+        let mut m = raft::eraftpb::Message::default();
+        m.set_msg_type(raft::eraftpb::MessageType::MsgHeartbeat);
+        m.to = to.id;
+        m.from = from.id;
+        m.term = 100;
+        atoll_proto::raft_serverpb::RaftMessage {
+            region_id: 1,
+            from_peer: Some(from),
+            to_peer: Some(to),
+            region_epoch: Some(epoch),
+            start_key: old.start_key.clone(),
+            end_key: old.end_key.clone(),
+            message: m.write_to_bytes().unwrap(),
+            ..Default::default()
+        }
+    };
+    // Its answers go nowhere (so that nobody tells a revived peer it is gone).
+    let fid = c.net.add_filter(IsolateStore(victim.store_id));
+    router.send_raft_message(stale(victim, old.region_epoch.unwrap()));
+    let revived = wait_until(Duration::from_secs(1), || router.region_count() > 0);
+    assert!(!revived, "a stale message brought the removed peer back");
+    c.net.remove_filter(fid);
+    // A new peer there (newer membership) is created.
+    let added = c.must_add_peer(1, victim.store_id);
+    assert!(added.id > victim.id);
+    assert!(wait_until(Duration::from_secs(20), || c
+        .get_on_store(victim.store_id, b"k")
+        .as_deref()
+        == Some(b"v")));
+}
