@@ -262,14 +262,20 @@ impl Writer {
     }
 
     /// Asserts that `n` more writes are acknowledged within `timeout` (the cluster serves).
-    fn must_progress(&self, n: usize, timeout: Duration, what: &str) {
+    fn must_progress(&self, c: &ProcCluster, n: usize, timeout: Duration, what: &str) {
         let base = self.count();
         let start = Instant::now();
+        let ok = wait_until(timeout, || self.count() >= base + n);
+        if !ok {
+            c.dump_logs();
+            save_logs(c);
+        }
         assert!(
-            wait_until(timeout, || self.count() >= base + n),
-            "writes stalled ({what}): {} acknowledged in {:?}",
+            ok,
+            "writes stalled ({what}): {} acknowledged in {:?}; regions: {:?}",
             self.count() - base,
-            start.elapsed()
+            start.elapsed(),
+            try_json(c, &["regions"])
         );
     }
 
@@ -568,12 +574,13 @@ fn crash_in_raft_and_apply_paths_loses_nothing() {
     ];
     for (n, fp) in points.iter().enumerate() {
         let victim = n % 3;
-        w.must_progress(20, Duration::from_secs(30), &format!("before {fp}"));
+        w.must_progress(&c, 20, Duration::from_secs(60), &format!("before {fp}"));
         set_failpoint(&c.stores[victim].status_addr, fp, "panic");
         must_crash(&mut c, victim, fp, Duration::from_secs(30));
         w.must_progress(
+            &c,
             20,
-            Duration::from_secs(30),
+            Duration::from_secs(60),
             &format!("store{} down after {fp}", victim + 1),
         );
         // Restarted on its data dir (run-time failpoints are gone): it recovers and catches up.
@@ -607,7 +614,7 @@ fn crash_in_split_and_conf_change_apply_loses_nothing() {
     let rt = runtime();
     let cl = client(&c, &rt);
     let w = Writer::start(&rt, &cl, "adm/", 4);
-    w.must_progress(100, Duration::from_secs(60), "initial load");
+    w.must_progress(&c, 100, Duration::from_secs(60), "initial load");
 
     // raftstore::apply_split on the region's leader.
     let leader_store = region_of(&c, "adm/5").expect("region of adm/5")["leader"]["store_id"]
@@ -623,7 +630,7 @@ fn crash_in_split_and_conf_change_apply_loses_nothing() {
         err_str(&o)
     );
     must_crash(&mut c, victim, rfp::APPLY_SPLIT, Duration::from_secs(30));
-    w.must_progress(20, Duration::from_secs(30), "after the split crash");
+    w.must_progress(&c, 20, Duration::from_secs(60), "after the split crash");
     c.stores[victim].proc_.start();
     // The split was committed: it completes everywhere (PD sees a region starting at adm/5).
     let ok = wait_until(Duration::from_secs(60), || {
@@ -665,7 +672,12 @@ fn crash_in_split_and_conf_change_apply_loses_nothing() {
         rfp::APPLY_CONF_CHANGE,
         Duration::from_secs(90),
     );
-    w.must_progress(20, Duration::from_secs(30), "after the conf change crash");
+    w.must_progress(
+        &c,
+        20,
+        Duration::from_secs(60),
+        "after the conf change crash",
+    );
     c.stores[victim2].proc_.start();
     let id4 = store_id(&c, fourth);
     let ok = wait_until(Duration::from_secs(120), || {
@@ -958,7 +970,7 @@ fn partitions_and_a_slow_network_lose_nothing() {
     let cl = client(&c, &rt);
     let ids: Vec<u64> = (0..3).map(|i| store_id(&c, i)).collect();
     let w = Writer::start(&rt, &cl, "net/", 4);
-    w.must_progress(50, Duration::from_secs(60), "initial load");
+    w.must_progress(&c, 50, Duration::from_secs(60), "initial load");
 
     // transport::send_drop: everything this store sends is lost.
     let v = busiest(&c, &[0, 1, 2]);
@@ -972,7 +984,7 @@ fn partitions_and_a_slow_network_lose_nothing() {
         "store{} kept its leaders though it cannot send",
         v + 1
     );
-    w.must_progress(50, Duration::from_secs(30), "store cut off (send_drop)");
+    w.must_progress(&c, 50, Duration::from_secs(60), "store cut off (send_drop)");
     remove_failpoint(&c.stores[v].status_addr, SEND_DROP);
     must_store_hold(&c, &rt, &cl, v, "net/", "net0", &w.acked());
 
@@ -996,7 +1008,7 @@ fn partitions_and_a_slow_network_lose_nothing() {
         "store{} kept its leaders though it hears nobody",
         v2 + 1
     );
-    w.must_progress(50, Duration::from_secs(30), "store deaf (recv_drop)");
+    w.must_progress(&c, 50, Duration::from_secs(60), "store deaf (recv_drop)");
     remove_failpoint(&c.stores[v2].status_addr, RECV_DROP);
     must_store_hold(&c, &rt, &cl, v2, "net/", "net0", &w.acked());
 
@@ -1021,9 +1033,9 @@ fn partitions_and_a_slow_network_lose_nothing() {
         slow >= Duration::from_millis(200) && slow > fast,
         "a 200 ms delay per flush did not slow writes: {fast:?} -> {slow:?}"
     );
-    w.must_progress(20, Duration::from_secs(30), "slow network");
+    w.must_progress(&c, 20, Duration::from_secs(60), "slow network");
     remove_on_all_stores(&c, SEND_DELAY);
-    w.must_progress(50, Duration::from_secs(30), "healed");
+    w.must_progress(&c, 50, Duration::from_secs(60), "healed");
 
     let mut acked = w.stop(&rt);
     for tag in ["fast", "slow"] {
