@@ -36,14 +36,7 @@ impl IdAllocator {
     /// `count` consecutive fresh ids; returns the first.
     pub async fn alloc(&self, count: u32) -> Result<u64, NodeError> {
         let count = count.max(1) as u64;
-        let epoch = self
-            .node
-            .status
-            .leader_epoch
-            .load(std::sync::atomic::Ordering::Acquire);
-        if !self.node.status.is_ready_leader() {
-            return Err(NodeError::NotLeader);
-        }
+        let epoch = self.node.status.ready_leader_epoch()?;
         let mut g = self.inner.lock().await;
         self.open(&mut g, epoch, count).await?;
         let first = g.next;
@@ -53,14 +46,7 @@ impl IdAllocator {
 
     /// Makes sure `count` ids can be had from [`try_next`](Self::try_next) without persisting.
     pub async fn reserve(&self, count: u64) -> Result<(), NodeError> {
-        let epoch = self
-            .node
-            .status
-            .leader_epoch
-            .load(std::sync::atomic::Ordering::Acquire);
-        if !self.node.status.is_ready_leader() {
-            return Err(NodeError::NotLeader);
-        }
+        let epoch = self.node.status.ready_leader_epoch()?;
         let mut g = self.inner.lock().await;
         self.open(&mut g, epoch, count).await
     }
@@ -70,14 +56,7 @@ impl IdAllocator {
     /// leadership, or the allocator is busy persisting ([`reserve`](Self::reserve) first).
     /// For the schedulers, which pick new peers' ids synchronously.
     pub fn try_next(&self) -> Option<u64> {
-        let epoch = self
-            .node
-            .status
-            .leader_epoch
-            .load(std::sync::atomic::Ordering::Acquire);
-        if !self.node.status.is_ready_leader() {
-            return None;
-        }
+        let epoch = self.node.status.ready_leader_epoch().ok()?;
         let mut g = self.inner.try_lock().ok()?;
         if g.epoch != epoch || g.next >= g.end {
             return None;

@@ -80,6 +80,16 @@ impl NodeStatus {
     pub fn leader_id(&self) -> u64 {
         self.leader_id.load(Ordering::Acquire)
     }
+    /// The current leadership's epoch, if this member leads and is ready to serve (the epoch
+    /// is read first, so a leadership change in between shows as a different epoch later).
+    pub fn ready_leader_epoch(&self) -> Result<u64, NodeError> {
+        let epoch = self.leader_epoch.load(Ordering::Acquire);
+        if self.is_ready_leader() {
+            Ok(epoch)
+        } else {
+            Err(NodeError::NotLeader)
+        }
+    }
 }
 
 /// The log kept in memory (PD's log is small: it is compacted into state snapshots).

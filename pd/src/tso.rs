@@ -66,14 +66,7 @@ impl Tso {
                 "cannot allocate {count} timestamps at once"
             )));
         }
-        let epoch = self
-            .node
-            .status
-            .leader_epoch
-            .load(std::sync::atomic::Ordering::Acquire);
-        if !self.node.status.is_ready_leader() {
-            return Err(NodeError::NotLeader);
-        }
+        let epoch = self.node.status.ready_leader_epoch()?;
         let mut g = self.inner.lock().await;
         if g.epoch != epoch {
             // New leadership: continue strictly after everything a previous leader could have

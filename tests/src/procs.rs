@@ -530,3 +530,24 @@ pub fn kvctl_env(pd: &str, args: &[&str], env: &[(&str, &str)]) -> Output {
     }
     cmd.output().expect("run kvctl")
 }
+
+/// Every region in a `kvctl --output json regions` answer has `replicas` voters on distinct
+/// stores and a leader.
+pub fn regions_healthy(v: &Value, replicas: usize) -> bool {
+    let Some(rs) = v["regions"].as_array() else {
+        return false;
+    };
+    !rs.is_empty()
+        && rs.iter().all(|r| {
+            let peers = r["peers"].as_array().cloned().unwrap_or_default();
+            let stores: std::collections::HashSet<u64> = peers
+                .iter()
+                .filter_map(|p| p["store_id"].as_u64())
+                .collect();
+            let voters = peers.iter().filter(|p| p["role"] == "voter").count();
+            voters == replicas
+                && peers.len() == replicas
+                && stores.len() == replicas
+                && r["leader"].is_object()
+        })
+}

@@ -1,10 +1,9 @@
 //! The product end to end: real `pd-server`, `storage-node` and `kvctl` processes on free
 //! local ports (issue: the product end to end).
 
-use atoll_tests::procs::{ClusterOpts, ProcCluster};
+use atoll_tests::procs::{regions_healthy, ClusterOpts, ProcCluster};
 use atoll_tests::wait_until;
 use serde_json::Value;
-use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 fn out_str(o: &std::process::Output) -> String {
@@ -13,26 +12,6 @@ fn out_str(o: &std::process::Output) -> String {
 
 fn err_str(o: &std::process::Output) -> String {
     String::from_utf8_lossy(&o.stderr).trim().to_string()
-}
-
-/// Every region has `replicas` voters on distinct stores and a leader.
-fn regions_healthy(v: &Value, replicas: usize) -> bool {
-    let Some(rs) = v["regions"].as_array() else {
-        return false;
-    };
-    !rs.is_empty()
-        && rs.iter().all(|r| {
-            let peers = r["peers"].as_array().cloned().unwrap_or_default();
-            let stores: HashSet<u64> = peers
-                .iter()
-                .filter_map(|p| p["store_id"].as_u64())
-                .collect();
-            let voters = peers.iter().filter(|p| p["role"] == "voter").count();
-            voters == replicas
-                && peers.len() == replicas
-                && stores.len() == replicas
-                && r["leader"].is_object()
-        })
 }
 
 #[test]

@@ -26,11 +26,12 @@ use atoll_proto::kvrpcpb;
 use atoll_proto::kvrpcpb::kv_client::KvClient;
 use atoll_raftstore::failpoints as rfp;
 use atoll_tests::procs::{
-    self, list_failpoints, remove_failpoint, set_failpoint, status_json, ClusterOpts, ProcCluster,
+    self, list_failpoints, regions_healthy, remove_failpoint, set_failpoint, status_json,
+    ClusterOpts, ProcCluster,
 };
 use atoll_tests::wait_until;
 use serde_json::Value;
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::process::Output;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -102,26 +103,6 @@ fn try_json(c: &ProcCluster, args: &[&str]) -> Option<Value> {
 fn kv_get(c: &ProcCluster, key: &str) -> Option<String> {
     let v = c.kvctl_json(&["get", key]);
     v["value"].as_str().map(str::to_string)
-}
-
-/// Every region has `replicas` voters on distinct stores and a leader (PD's view).
-fn regions_healthy(v: &Value, replicas: usize) -> bool {
-    let Some(rs) = v["regions"].as_array() else {
-        return false;
-    };
-    !rs.is_empty()
-        && rs.iter().all(|r| {
-            let peers = r["peers"].as_array().cloned().unwrap_or_default();
-            let stores: HashSet<u64> = peers
-                .iter()
-                .filter_map(|p| p["store_id"].as_u64())
-                .collect();
-            let voters = peers.iter().filter(|p| p["role"] == "voter").count();
-            voters == replicas
-                && peers.len() == replicas
-                && stores.len() == replicas
-                && r["leader"].is_object()
-        })
 }
 
 fn wait_healthy(c: &ProcCluster, timeout: Duration) {
