@@ -306,7 +306,7 @@ impl<E: KvEngine> Storage<E> {
                 term: 0,
             });
         }
-        Ok(self.router.read_index_async(header(ctx)).await?)
+        Ok(self.router.read_async(header(ctx)).await?)
     }
 
     /// A leader snapshot for a write command (its keys are latched by the caller).

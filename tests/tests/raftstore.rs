@@ -365,3 +365,188 @@ fn removed_peer_is_not_revived_by_stale_messages() {
         .as_deref()
         == Some(b"v")));
 }
+
+// ---------------- leader leases ----------------
+
+/// Ticks of 50 ms, elections after 1 s: a lease of 800 ms (the largest the rule allows is
+/// under (20 - 2) * 50 ms) leaves these tests room on a loaded machine.
+fn lease_config() -> atoll_raftstore::Config {
+    atoll_raftstore::Config {
+        raft_base_tick_interval: atoll_util::config::ReadableDuration::millis(50),
+        raft_election_timeout_ticks: 20,
+        raft_max_leader_lease: Some(atoll_util::config::ReadableDuration::millis(800)),
+        hibernate_regions: false,
+        ..atoll_test_cluster::test_config()
+    }
+}
+
+const LEASE: Duration = Duration::from_millis(800);
+
+/// Renews the leader's lease with a ReadIndex round; returns when the round started.
+fn renew_lease(c: &Cluster, store: u64) -> Instant {
+    let region = c.get_region(b"k");
+    let at = Instant::now();
+    let router = c.router(store).clone();
+    let header = c.header(&region);
+    c.runtime
+        .block_on(async {
+            tokio::time::timeout(Duration::from_secs(5), router.read_index_async(header)).await
+        })
+        .expect("read index in time")
+        .expect("read index");
+    at
+}
+
+#[test]
+fn lease_reads_need_no_messages_and_end_before_a_new_leader_is_elected() {
+    let mut c = Cluster::with_config(3, lease_config());
+    c.run();
+    c.must_put(b"k", b"1");
+    let old = c.wait_leader(1, Duration::from_secs(10)).unwrap();
+    let region = c.get_region(b"k");
+    let renewed = renew_lease(&c, old);
+    c.net.add_filter(IsolateStore(old));
+    // Cut off, the leader still answers from its lease: no message round is needed.
+    assert_eq!(
+        c.lease_read_on(old, &region, b"k"),
+        Some(Some(b"1".to_vec()))
+    );
+    let before = c
+        .router(old)
+        .metrics()
+        .lease_reads
+        .load(std::sync::atomic::Ordering::Relaxed);
+    let router = c.router(old).clone();
+    let header = c.header(&region);
+    c.runtime
+        .block_on(router.read_async(header))
+        .expect("a read within the lease");
+    assert_eq!(
+        c.router(old)
+            .metrics()
+            .lease_reads
+            .load(std::sync::atomic::Ordering::Relaxed),
+        before + 1
+    );
+    // The others elect a leader, but not before the lease is over.
+    let mut new = None;
+    assert!(wait_until(Duration::from_secs(15), || {
+        new = c
+            .running_stores()
+            .into_iter()
+            .find(|s| *s != old && c.router(*s).is_leader(1));
+        new.is_some()
+    }));
+    let elected = renewed.elapsed();
+    assert!(
+        elected >= LEASE,
+        "a new leader {elected:?} after the old one's lease was renewed (lease {LEASE:?})"
+    );
+    let new = new.unwrap();
+    c.put_on(new, &region, b"k", b"2", Duration::from_secs(5))
+        .expect("the new leader writes");
+    assert_eq!(
+        c.lease_read_on(old, &region, b"k"),
+        None,
+        "stale lease read"
+    );
+}
+
+#[test]
+fn leader_transfer_ends_the_lease() {
+    let mut c = Cluster::with_config(3, lease_config());
+    c.run();
+    c.must_put(b"k", b"1");
+    let old = c.wait_leader(1, Duration::from_secs(10)).unwrap();
+    let region = c.get_region(b"k");
+    let stores: Vec<u64> = c.store_ids.iter().copied().filter(|s| *s != old).collect();
+    let target = stores[0];
+    renew_lease(&c, old);
+    assert_eq!(
+        c.lease_read_on(old, &region, b"k"),
+        Some(Some(b"1".to_vec()))
+    );
+    // The old leader hears nothing more: it cannot learn that it was replaced.
+    for s in &stores {
+        c.net
+            .add_filter(atoll_test_cluster::DropPath { from: *s, to: old });
+    }
+    let peer = *region.peers.iter().find(|p| p.store_id == target).unwrap();
+    let cmd = c.transfer_leader_cmd(&region, peer);
+    let router = c.router(old).clone();
+    c.runtime
+        .block_on(router.propose_async(cmd))
+        .expect("transfer proposed");
+    // A transfer's candidate is elected with votes that ignore leases, at once.
+    assert!(wait_until(Duration::from_secs(5), || c
+        .router(target)
+        .is_leader(1)));
+    c.put_on(target, &region, b"k", b"2", Duration::from_secs(5))
+        .expect("the new leader writes");
+    assert_eq!(
+        c.lease_read_on(old, &region, b"k"),
+        None,
+        "the old leader served a read from its lease after handing leadership over"
+    );
+}
+
+#[test]
+fn restarted_store_holds_its_vote_while_a_lease_may_run() {
+    let mut c = Cluster::with_config(3, lease_config());
+    c.run();
+    c.must_put(b"k", b"1");
+    let leader = c.wait_leader(1, Duration::from_secs(10)).unwrap();
+    let region = c.get_region(b"k");
+    let others: Vec<u64> = c
+        .store_ids
+        .iter()
+        .copied()
+        .filter(|s| *s != leader)
+        .collect();
+    let (voter, candidate) = (others[0], others[1]);
+    // The candidate cannot hear the leader; the voter does, and so refuses to vote...
+    c.net.add_filter(atoll_test_cluster::Partition(vec![
+        HashSet::from([leader, voter]),
+        HashSet::from([voter, candidate]),
+    ]));
+    let renewed = renew_lease(&c, leader);
+    // ...until it restarts and forgets that it heard from the leader, whose lease still runs.
+    c.net.clear_filters();
+    c.net.add_filter(IsolateStore(leader));
+    c.restart_store(voter);
+    let restarted = Instant::now();
+    c.router(candidate)
+        .send_casual(1, atoll_raftstore::msg::CasualMessage::Campaign);
+    let mut acked = None;
+    while renewed.elapsed() < LEASE {
+        if c.router(candidate).is_leader(1)
+            && c.put_on(candidate, &region, b"k", b"2", Duration::from_millis(100))
+                .is_ok()
+        {
+            acked = Some(renewed.elapsed());
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    if let Some(at) = acked {
+        assert_ne!(
+            c.lease_read_on(leader, &region, b"k"),
+            Some(Some(b"1".to_vec())),
+            "a new leader acknowledged a write {at:?} after the old leader's lease was renewed, \
+             and the old leader still served the old value from its lease"
+        );
+    }
+    assert!(
+        acked.is_none(),
+        "a new leader was elected within the old leader's lease ({acked:?}; voter restarted \
+         {:?} after the renewal)",
+        restarted - renewed
+    );
+    // Once the hold is over the majority elects a leader, and the old one's lease is long gone.
+    assert!(wait_until(Duration::from_secs(15), || c
+        .running_stores()
+        .into_iter()
+        .any(|s| s != leader && c.router(s).is_leader(1))));
+    c.must_put(b"k", b"3");
+    assert_eq!(c.lease_read_on(leader, &region, b"k"), None);
+}

@@ -11,6 +11,11 @@ pub struct Config {
     pub raft_base_tick_interval: ReadableDuration,
     pub raft_election_timeout_ticks: usize,
     pub raft_heartbeat_ticks: usize,
+    /// How long after a quorum acknowledged it a leader may serve reads from its own state
+    /// without a ReadIndex round ("0s" disables lease reads; unset = half the election
+    /// timeout). Must stay below `(raft-election-timeout-ticks - 2) * raft-base-tick-interval`:
+    /// no other peer can be elected sooner than that (docs/design/write-path.md, "Reads").
+    pub raft_max_leader_lease: Option<ReadableDuration>,
     pub raft_max_size_per_msg: ReadableSize,
     pub raft_max_inflight_msgs: usize,
     /// Largest proposal accepted (a bigger one is answered `RaftEntryTooLarge`).
@@ -74,6 +79,7 @@ impl Default for Config {
             raft_base_tick_interval: ReadableDuration::millis(100),
             raft_election_timeout_ticks: 10,
             raft_heartbeat_ticks: 2,
+            raft_max_leader_lease: None,
             raft_max_size_per_msg: ReadableSize::mib(1),
             raft_max_inflight_msgs: 256,
             raft_entry_max_size: ReadableSize::mib(16),
@@ -130,6 +136,16 @@ impl Config {
                 "must be larger than raft-heartbeat-ticks",
             ));
         }
+        let bound = self.tick() * (self.raft_election_timeout_ticks as u32).saturating_sub(2);
+        let lease = self.max_leader_lease();
+        if lease >= bound && !lease.is_zero() {
+            return Err(invalid(
+                "raft-max-leader-lease",
+                format!(
+                    "must be below (raft-election-timeout-ticks - 2) * raft-base-tick-interval = {bound:?}, or 0"
+                ),
+            ));
+        }
         if self.region_split_size.0 < 1024 {
             return Err(invalid("region-split-size", "must be at least 1KiB"));
         }
@@ -169,6 +185,19 @@ impl Config {
         self.raft_base_tick_interval.0
     }
 
+    /// The leader lease in effect (zero = lease reads off).
+    pub fn max_leader_lease(&self) -> Duration {
+        match self.raft_max_leader_lease {
+            Some(d) => d.0,
+            None => self.election_timeout() / 2,
+        }
+    }
+
+    /// The shortest time in which a follower gives up on its leader.
+    pub fn election_timeout(&self) -> Duration {
+        self.tick() * self.raft_election_timeout_ticks as u32
+    }
+
     /// Diff that triggers a size re-scan: the configured one, but never more than an eighth
     /// of the split size (so small test regions split promptly).
     pub fn split_check_diff(&self) -> u64 {
@@ -197,5 +226,12 @@ mod tests {
         };
         assert!(bad.validate().is_err());
         assert!(toml::from_str::<Config>("no-such-field = 1").is_err());
+        // The lease: half the election timeout unless set; never as long as an election.
+        assert_eq!(c.max_leader_lease(), Duration::from_millis(250));
+        let off: Config = toml::from_str("raft-max-leader-lease = \"0s\"").unwrap();
+        assert_eq!(off.max_leader_lease(), Duration::ZERO);
+        off.validate().unwrap();
+        let unsafe_lease: Config = toml::from_str("raft-max-leader-lease = \"900ms\"").unwrap();
+        assert!(unsafe_lease.validate().is_err());
     }
 }

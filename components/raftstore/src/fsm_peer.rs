@@ -278,6 +278,12 @@ impl<E: KvEngine> PeerFsm<E> {
                 let idx = index.min(self.peer.applied_index);
                 self.peer.propose_compact_log(ctx, idx);
             }
+            CasualMessage::Campaign => {
+                self.peer.wake(ctx);
+                if let Err(e) = self.peer.raft_group.campaign() {
+                    tracing::debug!(tag = %self.peer.tag, error = %e, "campaign failed");
+                }
+            }
             CasualMessage::HeartbeatPd => {
                 if self.peer.is_leader() {
                     self.peer.heartbeat_pd(ctx);
@@ -690,7 +696,7 @@ impl<E: KvEngine> PeerFsm<E> {
         if entries.is_empty() {
             return;
         }
-        let cbs = self.peer.take_apply_callbacks(&entries);
+        let cbs = self.peer.take_apply_callbacks(ctx, &entries);
         let msg = ApplyMsg::Apply {
             term: self.peer.term(),
             entries,

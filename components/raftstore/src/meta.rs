@@ -6,8 +6,9 @@
 use atoll_proto::metapb;
 use atoll_proto::raft_serverpb::RaftMessage;
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// A region's end key as a map key: the empty (unbounded) end sorts last.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -26,6 +27,48 @@ impl RangeEnd {
     }
 }
 
+/// A leader's lease: until when it may answer reads from its own applied state without a
+/// ReadIndex round. Renewed only by the region's raft poller (from the time a request that a
+/// quorum has since acknowledged was sent), read by any thread. One lease belongs to one
+/// leadership (term); a new term gets a new lease.
+#[derive(Debug)]
+pub struct LeaderLease {
+    base: Instant,
+    /// Nanoseconds after `base` the lease runs until; 0 = no lease.
+    until: AtomicU64,
+}
+
+impl LeaderLease {
+    pub fn new() -> Self {
+        LeaderLease {
+            base: Instant::now(),
+            until: AtomicU64::new(0),
+        }
+    }
+
+    /// Extends the lease to `from + len` (never shortens it).
+    pub fn renew(&self, from: Instant, len: Duration) {
+        let until = (from + len).saturating_duration_since(self.base).as_nanos() as u64;
+        self.until.fetch_max(until.max(1), Ordering::SeqCst);
+    }
+
+    /// Ends the lease at once.
+    pub fn expire(&self) {
+        self.until.store(0, Ordering::SeqCst);
+    }
+
+    pub fn is_valid_at(&self, now: Instant) -> bool {
+        let until = self.until.load(Ordering::SeqCst);
+        until != 0 && (now.saturating_duration_since(self.base).as_nanos() as u64) < until
+    }
+}
+
+impl Default for LeaderLease {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 /// Who may serve a local leader snapshot of a region, and from what state.
 #[derive(Clone, Debug)]
 pub struct ReadDelegate {
@@ -37,6 +80,8 @@ pub struct ReadDelegate {
     /// became leader is applied, so its local snapshot sees every committed write.
     pub leader_ready: bool,
     pub leader: Option<metapb::Peer>,
+    /// The leader's lease (always expired on a follower).
+    pub lease: Arc<LeaderLease>,
     pub approximate_size: u64,
     pub approximate_keys: u64,
 }

@@ -25,6 +25,9 @@ metric!(static MESSAGES_DROPPED: IntCounterVec = int_counter_vec(
     "atoll_raftstore_messages_dropped_total", "Raft messages dropped, by reason", &["reason"]));
 metric!(static SNAPSHOTS: IntCounterVec = int_counter_vec(
     "atoll_raftstore_snapshots_total", "Snapshots by stage", &["stage"]));
+metric!(static READS: IntCounterVec = int_counter_vec(
+    "atoll_raftstore_reads_total",
+    "Linearizable reads by how the leader confirmed it still leads: lease or read_index", &["path"]));
 metric!(static AWAKE_REGIONS: IntGauge = int_gauge(
     "atoll_raftstore_awake_regions", "Regions that tick (not hibernating)"));
 metric!(static REGIONS: IntGauge = int_gauge(
@@ -47,6 +50,10 @@ pub struct StoreMetrics {
     pub snapshots_generate_failed: AtomicU64,
     /// Snapshot applies that failed (each is retried).
     pub snapshots_apply_failed: AtomicU64,
+    /// Reads answered within the leader lease (no message round).
+    pub lease_reads: AtomicU64,
+    /// Reads that went through a ReadIndex round.
+    pub read_index_reads: AtomicU64,
 }
 
 fn inc(a: &AtomicU64, n: u64) {
@@ -54,6 +61,16 @@ fn inc(a: &AtomicU64, n: u64) {
 }
 
 impl StoreMetrics {
+    pub fn on_read(&self, lease: bool) {
+        if lease {
+            inc(&self.lease_reads, 1);
+            READS.with_label_values(&["lease"]).inc();
+        } else {
+            inc(&self.read_index_reads, 1);
+            READS.with_label_values(&["read_index"]).inc();
+        }
+    }
+
     pub fn on_synced_batch(&self, secs: f64) {
         inc(&self.synced_write_batches, 1);
         RAFT_SYNCED_WRITE_BATCHES.inc();

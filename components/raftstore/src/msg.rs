@@ -100,6 +100,8 @@ pub enum CasualMessage {
     CompactLog { index: u64 },
     /// Send a region heartbeat to PD now.
     HeartbeatPd,
+    /// Start an election now, as if the election timeout had passed (tests and operators).
+    Campaign,
 }
 
 pub enum PeerMsg<E: KvEngine> {

@@ -9,6 +9,7 @@
 //! 3. [`Peer::post_ready`] (after the write): send the messages that depended on it, advance
 //!    raft, and hand committed entries to the apply side.
 
+use crate::meta::LeaderLease;
 use crate::msg::{ReadCallback, RegionSnapshot, WriteCallback, WriteResponse};
 use crate::storage::PeerStorage;
 use crate::store::StoreContext;
@@ -28,6 +29,8 @@ use std::time::{Duration, Instant};
 pub struct Proposal {
     pub index: u64,
     pub term: u64,
+    /// When it was proposed: once committed, a quorum has heard from this leader since.
+    pub proposed_at: Instant,
     pub cb: WriteCallback,
 }
 
@@ -35,6 +38,8 @@ struct ReadBatch<S> {
     id: u64,
     index: Option<u64>,
     issued_tick: u64,
+    /// When its read index was requested (before the heartbeat carrying it left).
+    issued_at: Instant,
     reads: Vec<(metapb::RegionEpoch, ReadCallback<S>)>,
 }
 
@@ -83,6 +88,15 @@ pub struct Peer<E: KvEngine> {
     published: Option<(u64, bool, Option<u64>)>,
     /// Campaign on start (the new half of a split whose parent this store led).
     pub campaign_on_start: bool,
+    /// This leadership's lease (shared with the read delegate) and the term it belongs to.
+    lease: Arc<LeaderLease>,
+    lease_term: u64,
+    /// A term in which this leader sent `MsgTimeoutNow`: the target may campaign, with votes
+    /// that ignore leases, at any later time, so no lease is trusted for the rest of the term.
+    no_lease_term: u64,
+    /// A split or membership change is proposed up to this index: no lease until it is applied
+    /// (a split moves keys to regions led elsewhere; a membership change changes the quorum).
+    lease_blocked_until: u64,
 }
 
 pub fn raft_config(cfg: &crate::Config, peer_id: u64, applied: u64) -> raft::Config {
@@ -156,6 +170,10 @@ impl<E: KvEngine> Peer<E> {
             written_keys: 0,
             published: None,
             campaign_on_start: false,
+            lease: Arc::new(LeaderLease::new()),
+            lease_term: 0,
+            no_lease_term: 0,
+            lease_blocked_until: 0,
         })
     }
 
@@ -427,6 +445,11 @@ impl<E: KvEngine> Peer<E> {
         if m.get_msg_type() == MessageType::MsgSnapshot && !self.check_snapshot(ctx, &m) {
             return Ok(());
         }
+        if self.holds_vote(ctx, &m) {
+            tracing::debug!(tag = %self.tag, from = m.from, term = m.term, msg = ?m.get_msg_type(),
+                "vote request ignored: this store restarted less than an election timeout ago");
+            return Ok(());
+        }
         self.peer_cache.insert(from.id, from);
         self.peer_heartbeats.insert(from.id, Instant::now());
         if self.hibernating && !self.is_hibernation_safe(&m) {
@@ -437,6 +460,21 @@ impl<E: KvEngine> Peer<E> {
             tracing::debug!(tag = %self.tag, error = %e, "step failed");
         }
         Ok(())
+    }
+
+    /// A restarted store has forgotten which leader it heard from last, and so whether it
+    /// promised (by acknowledging) that leader's lease. Until an election timeout has passed
+    /// since the start it grants no vote that a lease would have stopped: the same rule raft
+    /// applies to a follower that knows its leader (`check_quorum`), applied to one that forgot.
+    fn holds_vote(&self, ctx: &StoreContext<E>, m: &eraftpb::Message) -> bool {
+        matches!(
+            m.get_msg_type(),
+            MessageType::MsgRequestVote | MessageType::MsgRequestPreVote
+        ) && !ctx.cfg.max_leader_lease().is_zero()
+            && m.term > self.term()
+            && m.context.as_ref() != raft::CAMPAIGN_TRANSFER
+            && self.raft_group.raft.leader_id == raft::INVALID_ID
+            && ctx.started_at.elapsed() < ctx.cfg.election_timeout()
     }
 
     /// A snapshot may only be accepted if its range overlaps no other region of this store.
@@ -497,6 +535,12 @@ impl<E: KvEngine> Peer<E> {
     pub fn send_raft_messages(&mut self, ctx: &StoreContext<E>, msgs: Vec<eraftpb::Message>) {
         if msgs.is_empty() {
             return;
+        }
+        if msgs
+            .iter()
+            .any(|m| m.get_msg_type() == MessageType::MsgTimeoutNow)
+        {
+            self.forbid_lease();
         }
         let region = self.raft_group.store().region.clone();
         for m in msgs {
@@ -618,6 +662,7 @@ impl<E: KvEngine> Peer<E> {
                     ));
                 }
                 ctx.metrics.on_proposal("transfer_leader");
+                self.forbid_lease();
                 self.raft_group.transfer_leader(target.id);
                 cb(Ok(WriteResponse::default()));
                 Ok(())
@@ -653,12 +698,15 @@ impl<E: KvEngine> Peer<E> {
                 if index == last {
                     return Err((self.not_leader(), Some(cb)));
                 }
+                // Before the entry leaves (the ready sends it later this round).
+                self.block_lease_until(index);
                 // The peer must be addressable before it exists anywhere.
                 self.peer_cache.insert(peer.id, peer);
                 ctx.metrics.on_proposal("conf_change");
                 self.proposals.push_back(Proposal {
                     index,
                     term: self.term(),
+                    proposed_at: Instant::now(),
                     cb,
                 });
                 Ok(())
@@ -696,11 +744,16 @@ impl<E: KvEngine> Peer<E> {
                 if index == last {
                     return Err((self.not_leader(), Some(cb)));
                 }
+                if matches!(other, Some(AdminCmdType::BatchSplit)) {
+                    // Before the entry leaves (the ready sends it later this round).
+                    self.block_lease_until(index);
+                }
                 ctx.metrics
                     .on_proposal(if other.is_some() { "admin" } else { "write" });
                 self.proposals.push_back(Proposal {
                     index,
                     term: self.term(),
+                    proposed_at: Instant::now(),
                     cb,
                 });
                 Ok(())
@@ -813,6 +866,7 @@ impl<E: KvEngine> Peer<E> {
             id,
             index: None,
             issued_tick: self.ticks,
+            issued_at: Instant::now(),
             reads,
         });
     }
@@ -825,6 +879,7 @@ impl<E: KvEngine> Peer<E> {
             if b.index.is_none() && ticks.saturating_sub(b.issued_tick) >= timeout {
                 b.id = ctx.next_read_id();
                 b.issued_tick = ticks;
+                b.issued_at = Instant::now();
                 reissue.push(b.id);
             }
         }
@@ -835,13 +890,51 @@ impl<E: KvEngine> Peer<E> {
         }
     }
 
-    fn on_read_state(&mut self, ctx_bytes: &[u8], index: u64) {
+    fn on_read_state(&mut self, ctx: &StoreContext<E>, ctx_bytes: &[u8], index: u64) {
         let Ok(id) = <[u8; 8]>::try_from(ctx_bytes).map(u64::from_be_bytes) else {
             return;
         };
+        let mut confirmed_at = None;
         if let Some(b) = self.inflight_reads.iter_mut().find(|b| b.id == id) {
             b.index = Some(index);
+            confirmed_at = Some(b.issued_at);
         }
+        // A quorum answered a heartbeat sent after the read was requested.
+        if let Some(at) = confirmed_at {
+            self.renew_lease(ctx, at);
+        }
+    }
+
+    // ---------------- the leader lease ----------------
+
+    /// Extends the lease to `from + raft-max-leader-lease`: a quorum acknowledged a message
+    /// this leader sent at or after `from`, and each of its members refuses to vote for anyone
+    /// else for an election timeout after hearing from its leader (`check_quorum`; a
+    /// restarted store: [`Self::holds_vote`]).
+    fn renew_lease(&mut self, ctx: &StoreContext<E>, from: Instant) {
+        let len = ctx.cfg.max_leader_lease();
+        if len.is_zero()
+            || !self.is_leader()
+            || self.lease_term != self.term()
+            || self.no_lease_term == self.term()
+            || self.applied_index < self.lease_blocked_until
+            || self.raft_group.raft.lead_transferee.is_some()
+        {
+            return;
+        }
+        self.lease.renew(from, len);
+    }
+
+    /// No lease for the rest of this term.
+    fn forbid_lease(&mut self) {
+        self.no_lease_term = self.term();
+        self.lease.expire();
+    }
+
+    /// No lease until the entry at `index` (a split or membership change) is applied.
+    fn block_lease_until(&mut self, index: u64) {
+        self.lease_blocked_until = self.lease_blocked_until.max(index);
+        self.lease.expire();
     }
 
     /// Answers reads whose read index is applied.
@@ -1017,7 +1110,7 @@ impl<E: KvEngine> Peer<E> {
         };
         let role_changed = ready.ss().is_some();
         for rs in ready.take_read_states() {
-            self.on_read_state(&rs.request_ctx, rs.index);
+            self.on_read_state(ctx, &rs.request_ctx, rs.index);
         }
         let persisted = ready.take_persisted_messages();
         self.send_raft_messages(ctx, persisted);
@@ -1060,18 +1153,31 @@ impl<E: KvEngine> Peer<E> {
     }
 
     /// Pulls the entries to hand to the apply side, with the callbacks of their proposals.
-    pub fn take_apply_callbacks(&mut self, entries: &[Entry]) -> Vec<(u64, u64, WriteCallback)> {
+    pub fn take_apply_callbacks(
+        &mut self,
+        ctx: &StoreContext<E>,
+        entries: &[Entry],
+    ) -> Vec<(u64, u64, WriteCallback)> {
         let Some(last) = entries.last().map(|e| e.index) else {
             return vec![];
         };
         self.last_sent_to_apply = self.last_sent_to_apply.max(last);
         let mut cbs = vec![];
+        let mut confirmed_at = None;
+        let term = self.term();
         while let Some(p) = self.proposals.front() {
             if p.index > last {
                 break;
             }
             let p = self.proposals.pop_front().expect("front exists");
+            if p.term == term {
+                // Committed in this term: a quorum appended it after it was proposed.
+                confirmed_at = Some(p.proposed_at);
+            }
             cbs.push((p.index, p.term, p.cb));
+        }
+        if let Some(at) = confirmed_at {
+            self.renew_lease(ctx, at);
         }
         cbs
     }
@@ -1079,6 +1185,12 @@ impl<E: KvEngine> Peer<E> {
     /// Tells the store (and through it the KV service) who leads and whether it is ready.
     pub fn publish(&mut self, ctx: &StoreContext<E>) {
         let term = if self.is_leader() { self.term() } else { 0 };
+        if self.lease_term != term {
+            // A new leadership (or none): the old lease ends, the new one starts expired.
+            self.lease.expire();
+            self.lease = Arc::new(LeaderLease::new());
+            self.lease_term = term;
+        }
         let ready = self.leader_ready();
         let leader = self.leader().map(|p| p.id);
         let now = Some((term, ready, leader));
@@ -1093,6 +1205,7 @@ impl<E: KvEngine> Peer<E> {
             term,
             leader_ready: ready,
             leader: self.leader(),
+            lease: self.lease.clone(),
             approximate_size: self.approximate_size.unwrap_or(0),
             approximate_keys: self.approximate_keys.unwrap_or(0),
         };

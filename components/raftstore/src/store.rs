@@ -49,6 +49,8 @@ pub struct StoreContext<E: KvEngine> {
     pub logger: slog::Logger,
     awake: Mutex<HashSet<u64>>,
     read_id: AtomicU64,
+    /// When this store started (a restarted store holds its votes for a while after it).
+    pub started_at: Instant,
 }
 
 impl<E: KvEngine> StoreContext<E> {
@@ -167,6 +169,7 @@ impl<E: KvEngine> RaftStore<E> {
             logger,
             awake: Mutex::new(HashSet::new()),
             read_id: AtomicU64::new(0),
+            started_at: Instant::now(),
         });
         let store = RaftStore {
             ctx: ctx.clone(),
@@ -615,6 +618,52 @@ impl<E: KvEngine> RaftRouter<E> {
         }
     }
 
+    /// A linearizable read: within the leader's lease at once, from this store's applied
+    /// state; otherwise through a ReadIndex round (which also renews the lease).
+    pub async fn read_async(
+        &self,
+        header: RaftRequestHeader,
+    ) -> Result<RegionSnapshot<E::Snapshot>> {
+        if let Some(snap) = self.lease_read(&header) {
+            self.ctx.metrics.on_read(true);
+            return Ok(snap);
+        }
+        self.ctx.metrics.on_read(false);
+        self.read_index_async(header).await
+    }
+
+    /// A snapshot served under the leader lease, or `None` (no valid lease, not the leader, not
+    /// ready, or the request's epoch does not match: the ReadIndex path answers those).
+    ///
+    /// The snapshot is taken *before* the lease is checked: a lease valid at the check means no
+    /// other leader has been elected and no split or membership change was under way up to
+    /// then, so the state taken just before holds every write acknowledged before the read
+    /// began (writes are acknowledged once applied here), and only committed ones.
+    pub fn lease_read(&self, header: &RaftRequestHeader) -> Option<RegionSnapshot<E::Snapshot>> {
+        if let Some(p) = &header.peer {
+            if p.store_id != 0 && p.store_id != self.ctx.store_id {
+                return None;
+            }
+        }
+        let snap = self.ctx.engine.snapshot();
+        let now = Instant::now();
+        let meta = self.ctx.meta.lock();
+        let d = meta.readers.get(&header.region_id)?;
+        if d.term == 0 || !d.leader_ready || !d.lease.is_valid_at(now) {
+            return None;
+        }
+        if util::check_epoch(&d.region, header.region_epoch.as_ref(), true, false).is_err() {
+            return None;
+        }
+        Some(RegionSnapshot {
+            snap,
+            region: d.region.clone(),
+            applied_index: 0,
+            term: d.term,
+        })
+    }
+
+    /// A linearizable read through a ReadIndex round (never the lease).
     pub async fn read_index_async(
         &self,
         header: RaftRequestHeader,

@@ -308,7 +308,7 @@ impl Cluster {
 
     // ---------------- commands ----------------
 
-    fn header(&self, region: &metapb::Region) -> RaftRequestHeader {
+    pub fn header(&self, region: &metapb::Region) -> RaftRequestHeader {
         RaftRequestHeader {
             region_id: region.id,
             peer: None,
@@ -347,26 +347,66 @@ impl Cluster {
         Err(last)
     }
 
+    /// A raw put of `key` (user key) in `region`'s default column family.
+    pub fn put_cmd(&self, region: &metapb::Region, key: &[u8], value: &[u8]) -> RaftCmdRequest {
+        RaftCmdRequest {
+            header: Some(self.header(region)),
+            requests: vec![raft_cmdpb::Request {
+                cmd_type: CmdType::Put as i32,
+                put: Some(raft_cmdpb::PutRequest {
+                    cf: CF_DEFAULT.into(),
+                    key: atoll_keys::data_key(key),
+                    value: value.to_vec(),
+                }),
+                ..Default::default()
+            }],
+            admin_request: None,
+        }
+    }
+
     pub fn put(&self, key: &[u8], value: &[u8]) -> Result<(), Error> {
-        let k = atoll_keys::data_key(key);
         self.propose_with_retry(
             key,
-            |r| RaftCmdRequest {
-                header: Some(self.header(r)),
-                requests: vec![raft_cmdpb::Request {
-                    cmd_type: CmdType::Put as i32,
-                    put: Some(raft_cmdpb::PutRequest {
-                        cf: CF_DEFAULT.into(),
-                        key: k.clone(),
-                        value: value.to_vec(),
-                    }),
-                    ..Default::default()
-                }],
-                admin_request: None,
-            },
+            |r| self.put_cmd(r, key, value),
             Duration::from_secs(20),
         )
         .map(|_| ())
+    }
+
+    /// Proposes a put on one store only (whatever it believes about leadership).
+    pub fn put_on(
+        &self,
+        store_id: u64,
+        region: &metapb::Region,
+        key: &[u8],
+        value: &[u8],
+        timeout: Duration,
+    ) -> Result<(), Error> {
+        let router = self.router(store_id).clone();
+        let cmd = self.put_cmd(region, key, value);
+        match self
+            .runtime
+            .block_on(async { tokio::time::timeout(timeout, router.propose_async(cmd)).await })
+        {
+            Ok(r) => r.map(|_| ()),
+            Err(_) => Err(Error::Other("put timed out".into())),
+        }
+    }
+
+    /// A read of `key` served by one store's leader lease alone: `None` when it has no valid
+    /// lease (no message is sent either way).
+    pub fn lease_read_on(
+        &self,
+        store_id: u64,
+        region: &metapb::Region,
+        key: &[u8],
+    ) -> Option<Option<Vec<u8>>> {
+        let snap = self.router(store_id).lease_read(&self.header(region))?;
+        Some(
+            snap.snap
+                .get_value_cf(CF_DEFAULT, &atoll_keys::data_key(key))
+                .expect("engine get"),
+        )
     }
 
     pub fn must_put(&self, key: &[u8], value: &[u8]) {
@@ -395,7 +435,7 @@ impl Cluster {
         .unwrap_or_else(|e| panic!("delete {key:?}: {e}"));
     }
 
-    /// A linearizable read through the region's leader (ReadIndex).
+    /// A linearizable read through the region's leader (lease, or ReadIndex).
     pub fn get(&self, key: &[u8], timeout: Duration) -> Result<Option<Vec<u8>>, Error> {
         let deadline = Instant::now() + timeout;
         let mut last = Error::Other("no attempt".into());
@@ -408,9 +448,10 @@ impl Cluster {
             let router = self.router(leader).clone();
             let header = self.header(&region);
             let left = deadline.saturating_duration_since(Instant::now());
-            match self.runtime.block_on(async {
-                tokio::time::timeout(left, router.read_index_async(header)).await
-            }) {
+            match self
+                .runtime
+                .block_on(async { tokio::time::timeout(left, router.read_async(header)).await })
+            {
                 Ok(Ok(snap)) => {
                     if !atoll_keys::in_range(key, &snap.region.start_key, &snap.region.end_key) {
                         last = Error::Other("region moved".into());
@@ -531,6 +572,22 @@ impl Cluster {
             .unwrap_or_else(|e| panic!("remove peer {}: {e}", peer.id));
     }
 
+    /// The admin command that asks a region's leader to hand leadership to `target`.
+    pub fn transfer_leader_cmd(
+        &self,
+        region: &metapb::Region,
+        target: metapb::Peer,
+    ) -> RaftCmdRequest {
+        self.admin(
+            region,
+            AdminRequest {
+                cmd_type: AdminCmdType::TransferLeader as i32,
+                transfer_leader: Some(raft_cmdpb::TransferLeaderRequest { peer: Some(target) }),
+                ..Default::default()
+            },
+        )
+    }
+
     pub fn must_transfer_leader(&self, region_id: u64, to_store: u64) {
         let ok = wait_until(Duration::from_secs(20), || {
             if self.leader_store(region_id) == Some(to_store) {
@@ -550,14 +607,7 @@ impl Cluster {
             else {
                 return false;
             };
-            let cmd = self.admin(
-                &region,
-                AdminRequest {
-                    cmd_type: AdminCmdType::TransferLeader as i32,
-                    transfer_leader: Some(raft_cmdpb::TransferLeaderRequest { peer: Some(target) }),
-                    ..Default::default()
-                },
-            );
+            let cmd = self.transfer_leader_cmd(&region, target);
             let router = self.router(leader).clone();
             let _ = self.runtime.block_on(router.propose_async(cmd));
             wait_until(Duration::from_millis(500), || {
