@@ -382,6 +382,21 @@ fn lease_config() -> atoll_raftstore::Config {
 
 const LEASE: Duration = Duration::from_millis(800);
 
+/// A 3-store cluster with `k` = `1` written: the cluster, the leader's store, the region.
+fn lease_cluster() -> (Cluster, u64, atoll_proto::metapb::Region) {
+    let mut c = Cluster::with_config(3, lease_config());
+    c.run();
+    c.must_put(b"k", b"1");
+    let leader = c.wait_leader(1, Duration::from_secs(10)).unwrap();
+    let region = c.get_region(b"k");
+    (c, leader, region)
+}
+
+/// The old leader's lease read must have stopped.
+fn assert_no_lease_read(c: &Cluster, store: u64, region: &atoll_proto::metapb::Region, why: &str) {
+    assert_eq!(c.lease_read_on(store, region, b"k"), None, "{why}");
+}
+
 /// Renews the leader's lease with a ReadIndex round; returns when the round started.
 fn renew_lease(c: &Cluster, store: u64) -> Instant {
     let region = c.get_region(b"k");
@@ -399,11 +414,7 @@ fn renew_lease(c: &Cluster, store: u64) -> Instant {
 
 #[test]
 fn lease_reads_need_no_messages_and_end_before_a_new_leader_is_elected() {
-    let mut c = Cluster::with_config(3, lease_config());
-    c.run();
-    c.must_put(b"k", b"1");
-    let old = c.wait_leader(1, Duration::from_secs(10)).unwrap();
-    let region = c.get_region(b"k");
+    let (c, old, region) = lease_cluster();
     let renewed = renew_lease(&c, old);
     c.net.add_filter(IsolateStore(old));
     // Cut off, the leader still answers from its lease: no message round is needed.
@@ -445,20 +456,12 @@ fn lease_reads_need_no_messages_and_end_before_a_new_leader_is_elected() {
     let new = new.unwrap();
     c.put_on(new, &region, b"k", b"2", Duration::from_secs(5))
         .expect("the new leader writes");
-    assert_eq!(
-        c.lease_read_on(old, &region, b"k"),
-        None,
-        "stale lease read"
-    );
+    assert_no_lease_read(&c, old, &region, "stale lease read");
 }
 
 #[test]
 fn leader_transfer_ends_the_lease() {
-    let mut c = Cluster::with_config(3, lease_config());
-    c.run();
-    c.must_put(b"k", b"1");
-    let old = c.wait_leader(1, Duration::from_secs(10)).unwrap();
-    let region = c.get_region(b"k");
+    let (c, old, region) = lease_cluster();
     let stores: Vec<u64> = c.store_ids.iter().copied().filter(|s| *s != old).collect();
     let target = stores[0];
     renew_lease(&c, old);
@@ -483,20 +486,17 @@ fn leader_transfer_ends_the_lease() {
         .is_leader(1)));
     c.put_on(target, &region, b"k", b"2", Duration::from_secs(5))
         .expect("the new leader writes");
-    assert_eq!(
-        c.lease_read_on(old, &region, b"k"),
-        None,
-        "the old leader served a read from its lease after handing leadership over"
+    assert_no_lease_read(
+        &c,
+        old,
+        &region,
+        "the old leader served a read from its lease after handing leadership over",
     );
 }
 
 #[test]
 fn restarted_store_holds_its_vote_while_a_lease_may_run() {
-    let mut c = Cluster::with_config(3, lease_config());
-    c.run();
-    c.must_put(b"k", b"1");
-    let leader = c.wait_leader(1, Duration::from_secs(10)).unwrap();
-    let region = c.get_region(b"k");
+    let (mut c, leader, region) = lease_cluster();
     let others: Vec<u64> = c
         .store_ids
         .iter()
@@ -548,5 +548,5 @@ fn restarted_store_holds_its_vote_while_a_lease_may_run() {
         .into_iter()
         .any(|s| s != leader && c.router(s).is_leader(1))));
     c.must_put(b"k", b"3");
-    assert_eq!(c.lease_read_on(leader, &region, b"k"), None);
+    assert_no_lease_read(&c, leader, &region, "lease outlived a new leader");
 }

@@ -6,7 +6,7 @@
 use atoll_proto::metapb;
 use atoll_proto::raft_serverpb::RaftMessage;
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -36,6 +36,8 @@ pub struct LeaderLease {
     base: Instant,
     /// Nanoseconds after `base` the lease runs until; 0 = no lease.
     until: AtomicU64,
+    /// A renewal was asked for ahead of expiry and has not landed yet.
+    renewing: AtomicBool,
 }
 
 impl LeaderLease {
@@ -43,6 +45,7 @@ impl LeaderLease {
         LeaderLease {
             base: Instant::now(),
             until: AtomicU64::new(0),
+            renewing: AtomicBool::new(false),
         }
     }
 
@@ -50,6 +53,16 @@ impl LeaderLease {
     pub fn renew(&self, from: Instant, len: Duration) {
         let until = (from + len).saturating_duration_since(self.base).as_nanos() as u64;
         self.until.fetch_max(until.max(1), Ordering::SeqCst);
+        self.renewing.store(false, Ordering::SeqCst);
+    }
+
+    /// Whether the caller should ask for a renewal now: less than `ahead` is left, and nobody
+    /// else has asked since the last renewal (so that a steady read load keeps the lease
+    /// without ever finding it expired).
+    pub fn take_renewal(&self, now: Instant, ahead: Duration) -> bool {
+        let until = self.until.load(Ordering::SeqCst);
+        let left = until.saturating_sub(now.saturating_duration_since(self.base).as_nanos() as u64);
+        left < ahead.as_nanos() as u64 && !self.renewing.swap(true, Ordering::SeqCst)
     }
 
     /// Ends the lease at once.

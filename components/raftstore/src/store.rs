@@ -647,20 +647,31 @@ impl<E: KvEngine> RaftRouter<E> {
         }
         let snap = self.ctx.engine.snapshot();
         let now = Instant::now();
-        let meta = self.ctx.meta.lock();
-        let d = meta.readers.get(&header.region_id)?;
-        if d.term == 0 || !d.leader_ready || !d.lease.is_valid_at(now) {
-            return None;
+        let (snap, renew) = {
+            let meta = self.ctx.meta.lock();
+            let d = meta.readers.get(&header.region_id)?;
+            if d.term == 0 || !d.leader_ready || !d.lease.is_valid_at(now) {
+                return None;
+            }
+            if util::check_epoch(&d.region, header.region_epoch.as_ref(), true, false).is_err() {
+                return None;
+            }
+            let ahead = self.ctx.cfg.max_leader_lease() / 3;
+            (
+                RegionSnapshot {
+                    snap,
+                    region: d.region.clone(),
+                    applied_index: 0,
+                    term: d.term,
+                },
+                d.lease.take_renewal(now, ahead),
+            )
+        };
+        if renew {
+            // A ReadIndex round in the background renews the lease before it runs out.
+            self.read_index(header.clone(), Box::new(|_| {}));
         }
-        if util::check_epoch(&d.region, header.region_epoch.as_ref(), true, false).is_err() {
-            return None;
-        }
-        Some(RegionSnapshot {
-            snap,
-            region: d.region.clone(),
-            applied_index: 0,
-            term: d.term,
-        })
+        Some(snap)
     }
 
     /// A linearizable read through a ReadIndex round (never the lease).
