@@ -13,15 +13,24 @@ struct Env {
 }
 
 fn env() -> Env {
+    let e = env_one_region();
+    // x and y live in different regions.
+    split(&e.c, "t/m");
+    e
+}
+
+fn split(c: &ProcCluster, at: &str) {
+    let o = c.kvctl(&["split", at]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+fn env_one_region() -> Env {
     let c = ProcCluster::start(ClusterOpts {
         pds: 1,
         stores: 3,
         ..Default::default()
     });
     c.wait_ready(Duration::from_secs(60));
-    // x and y live in different regions.
-    let o = c.kvctl(&["split", "t/m"]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -123,8 +132,14 @@ fn write_skew_is_possible_under_snapshot_isolation() {
         t.commit().await.unwrap();
         let mut t1 = cl.begin().await.unwrap();
         let mut t2 = cl.begin().await.unwrap();
-        assert!(num(t1.get(X).await.unwrap()) + num(t1.get(Y).await.unwrap()) >= 2);
-        assert!(num(t2.get(X).await.unwrap()) + num(t2.get(Y).await.unwrap()) >= 2);
+        for t in [&t1, &t2] {
+            let (x, y) = (t.get(X).await.unwrap(), t.get(Y).await.unwrap());
+            assert!(
+                num(x.clone()) + num(y.clone()) >= 2,
+                "a snapshot after the commit misses it: x {x:?}, y {y:?} (start_ts {})",
+                t.start_ts()
+            );
+        }
         t1.put(X.to_vec(), b"0".to_vec()).unwrap();
         t2.put(Y.to_vec(), b"0".to_vec()).unwrap();
         t1.commit().await.unwrap();
@@ -396,4 +411,32 @@ fn gc_drops_versions_below_the_safe_point() {
         .unwrap();
     assert!(low >= sp);
     eprintln!("gc: {deletes} deletes, safe point {sp}");
+}
+
+#[test]
+fn one_phase_commit_on_a_stale_region_cache_stays_atomic() {
+    let e = env_one_region();
+    let (rt, cl) = (&e.rt, &e.cl);
+    rt.block_on(async {
+        // The client caches one region holding both keys...
+        assert_eq!(cl.get(X).await.unwrap(), None);
+        assert_eq!(cl.get(Y).await.unwrap(), None);
+    });
+    // ...which another process splits between them.
+    split(&e.c, "t/m");
+    rt.block_on(async {
+        // The client tries one phase on its stale view; the store refuses, and the keys end up
+        // in two regions: the transaction must commit in two phases, both keys or neither.
+        let mut t = cl.begin().await.unwrap();
+        t.put(X.to_vec(), b"1".to_vec()).unwrap();
+        t.put(Y.to_vec(), b"1".to_vec()).unwrap();
+        t.commit().await.unwrap();
+        let r = cl.begin().await.unwrap();
+        let (x, y) = (r.get(X).await.unwrap(), r.get(Y).await.unwrap());
+        assert_eq!(
+            (x.as_deref(), y.as_deref()),
+            (Some(&b"1"[..]), Some(&b"1"[..])),
+            "a committed transaction is half there"
+        );
+    });
 }

@@ -365,6 +365,7 @@ impl Transaction {
         one_pc: bool,
         deadline: Instant,
     ) -> Result<Option<u64>> {
+        let total = muts.len();
         let mut pending = muts;
         let mut backoff = self.client.backoff(deadline);
         let secondaries: Vec<Vec<u8>> = vec![];
@@ -379,7 +380,10 @@ impl Transaction {
                         .cloned()
                         .collect();
                     let n = mine.len();
-                    let whole = n == pending.len();
+                    // One phase only for the whole transaction in one request: once the keys
+                    // span regions (the cache was stale), some are locked in two phases and
+                    // committing the rest at once would split the transaction.
+                    let whole = n == total;
                     let req = kvrpcpb::PrewriteRequest {
                         context: Some(ctx),
                         mutations: mine,
