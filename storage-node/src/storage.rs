@@ -1230,7 +1230,13 @@ impl<E: KvEngine> Storage<E> {
             .split_async(ctx.region_id, ctx.region_epoch.unwrap_or_default(), keys)
             .await
         {
-            Ok(w) => resp.regions = w.regions,
+            Ok(w) => {
+                fail::fail_point!(FP_AFTER_WRITE_APPLIED, |_| {
+                    resp.region_error = Some(atoll_raftstore::Error::StaleCommand.into());
+                    Ok(resp.clone())
+                });
+                resp.regions = w.regions
+            }
             Err(e) if e.is_region_error() => resp.region_error = Some(e.into()),
             Err(e) => resp.error = e.to_string(),
         }

@@ -1186,7 +1186,16 @@ fn failing_writes_and_txn_commands_stay_all_or_nothing() {
         &c.kvctl(&["put", "t/lost", "1"]),
         "kvctl put with lost answers",
     );
+    // A split whose answer is lost: the retry finds it done, and that is success.
+    must_ok(
+        &c.kvctl(&["split", "t/lost-split"]),
+        "kvctl split with lost answers",
+    );
     remove_on_all_stores(&c, AFTER_WRITE_APPLIED);
+    assert!(
+        region_of(&c, "t/lost-split").is_some_and(|r| r["start_key"] == "t/lost-split"),
+        "the split with a lost answer did not happen"
+    );
     assert_eq!(kv_get(&c, "t/cas").as_deref(), Some("3"));
     acked.insert("t/cas".into(), "3".into());
     acked.insert("t/lost".into(), "1".into());

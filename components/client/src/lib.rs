@@ -1023,11 +1023,21 @@ impl Client {
                         })
                         .cloned()
                         .collect();
+                    let done = mine.is_empty();
                     let req = kvrpcpb::SplitRegionRequest {
                         context: Some(ctx),
                         split_keys: mine,
                     };
-                    async move { c.split_region(req).await }
+                    async move {
+                        if done {
+                            // A retry after an answer was lost: the split already happened
+                            // (every key now starts a region). Nothing left to ask.
+                            return Ok(tonic::Response::new(
+                                kvrpcpb::SplitRegionResponse::default(),
+                            ));
+                        }
+                        c.split_region(req).await
+                    }
                 })
                 .await?;
             if !resp.error.is_empty() {
@@ -1039,7 +1049,18 @@ impl Client {
                     leader: None,
                 });
             }
-            out.extend(resp.regions);
+            if resp.regions.is_empty() {
+                // The answer was lost and the retry found the split done: report the regions
+                // that now start at the keys.
+                for k in &batch {
+                    let r = self.cache.locate(k).await?.region;
+                    if !out.iter().any(|o: &metapb::Region| o.id == r.id) {
+                        out.push(r);
+                    }
+                }
+            } else {
+                out.extend(resp.regions);
+            }
             i += taken.max(1);
         }
         Ok(out)
