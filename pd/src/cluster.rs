@@ -59,7 +59,9 @@ pub type StreamTx = mpsc::Sender<Result<pdpb::RegionHeartbeatResponse, tonic::St
 pub struct RegionStat {
     pub approximate_size: u64,
     pub approximate_keys: u64,
-    pub down_peers: Vec<u64>,
+    /// Peers the leader reports down, with how long (seconds, as of `reported_at`).
+    pub down_peers: Vec<(u64, u64)>,
+    pub reported_at: Option<Instant>,
     pub pending_peers: Vec<u64>,
     pub bytes_written: u64,
 }
@@ -255,6 +257,7 @@ impl Cluster {
         let rec = RegionRecord {
             region: Some(region),
             leader: None,
+            leader_term: 0,
         };
         self.propose(vec![
             (
@@ -466,6 +469,7 @@ impl Cluster {
         let rec = RegionRecord {
             region: Some(region.clone()),
             leader: Some(leader),
+            leader_term: req.term,
         };
         let upd = self.node.state.write().regions.update(rec.clone());
         if upd.stale {
@@ -479,8 +483,9 @@ impl Cluster {
             stat.down_peers = req
                 .down_peers
                 .iter()
-                .filter_map(|d| d.peer.as_ref().map(|p| p.id))
+                .filter_map(|d| d.peer.as_ref().map(|p| (p.id, d.down_seconds)))
                 .collect();
+            stat.reported_at = Some(Instant::now());
             stat.pending_peers = req.pending_peers.iter().map(|p| p.id).collect();
             stat.bytes_written = req.bytes_written;
             v.store_last_hb
@@ -580,6 +585,7 @@ impl Cluster {
             let rec = RegionRecord {
                 region: Some(r),
                 leader: None,
+                leader_term: 0,
             };
             let upd = self.node.state.write().regions.update(rec);
             if upd.epoch_changed {
@@ -651,11 +657,22 @@ impl Cluster {
             .filter_map(|rec| {
                 let region = rec.region.clone()?;
                 let stat = v.region_stats.get(&region.id).cloned().unwrap_or_default();
+                // A peer its leader reports down is replaced only once it has been down for
+                // max-store-down-time, as a down store is (a restart or a short partition
+                // must not move data).
+                let since_report = stat.reported_at.map_or(0, |t| t.elapsed().as_secs());
+                let long_down_peers = stat
+                    .down_peers
+                    .iter()
+                    .filter(|(_, secs)| secs + since_report >= down.as_secs())
+                    .map(|(id, _)| *id)
+                    .collect();
                 Some(RegionView {
                     region,
                     leader: rec.leader,
                     approximate_size: stat.approximate_size,
-                    down_peers: stat.down_peers,
+                    down_peers: stat.down_peers.iter().map(|(id, _)| *id).collect(),
+                    long_down_peers,
                     pending_peers: stat.pending_peers,
                 })
             })

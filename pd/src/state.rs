@@ -142,10 +142,22 @@ impl RegionTree {
             out.epoch_changed = new_epoch != old_epoch
                 || old_region.start_key != region.start_key
                 || old_region.end_key != region.end_key;
+            if new_epoch == old_epoch && rec.leader.is_some() && rec.leader_term < old.leader_term {
+                // A leader of an older term reporting the same region: it was deposed and does
+                // not know it yet. Routing must keep pointing at the newer leader.
+                out.stale = true;
+                return out;
+            }
             out.leader_changed = old.leader.as_ref().map(|p| p.id)
                 != rec.leader.as_ref().map(|p| p.id)
                 && rec.leader.is_some();
             if !out.epoch_changed && !out.leader_changed {
+                if rec.leader_term > old.leader_term && rec.leader.is_some() {
+                    // The same leader in a later term (re-elected): remember the term.
+                    if let Some(r) = self.regions.get_mut(&region.id) {
+                        r.leader_term = rec.leader_term;
+                    }
+                }
                 return out;
             }
             if self.by_start.get(&old_region.start_key) == Some(&region.id) {
@@ -375,7 +387,27 @@ mod tests {
                 store_id: 1,
                 role: 0,
             }),
+            leader_term: 0,
         }
+    }
+
+    #[test]
+    fn a_deposed_leaders_heartbeat_does_not_move_routing_back() {
+        let mut t = RegionTree::default();
+        let with_term = |leader, term| RegionRecord {
+            leader_term: term,
+            ..rec(1, b"", b"", 1, Some(leader))
+        };
+        t.update(with_term(10, 5));
+        // The new leader (term 6) reports.
+        assert!(t.update(with_term(11, 6)).leader_changed);
+        // The old one, cut off and still believing it leads in term 5, reports late.
+        let u = t.update(with_term(10, 5));
+        assert!(u.stale && !u.leader_changed);
+        assert_eq!(t.search(b"a").unwrap().leader.unwrap().id, 11);
+        // The new leader keeps reporting; a re-elected leader in a later term moves it.
+        assert!(!t.update(with_term(11, 6)).stale);
+        assert!(t.update(with_term(10, 7)).leader_changed);
     }
 
     #[test]

@@ -12,8 +12,8 @@ use atoll_proto::raft_serverpb::StoreIdent;
 use atoll_proto::{metapb, pdpb};
 use atoll_raftstore::snap::SnapManager;
 use atoll_raftstore::store::{
-    clear_prepared_bootstrap, has_regions, load_store_ident, prepare_bootstrap_region,
-    write_store_ident,
+    check_data_format, clear_prepared_bootstrap, has_regions, load_store_ident,
+    prepare_bootstrap_region, write_store_ident,
 };
 use atoll_raftstore::{RaftRouter, RaftStore, StoreDeps};
 use atoll_transport::{GrpcTransport, PdStoreResolver, RaftService, TransportConfig};
@@ -55,6 +55,7 @@ async fn connect_pd(cfg: &NodeConfig, patience: Duration) -> anyhow::Result<RpcP
 /// Store id from disk, or a fresh one from PD.
 async fn store_identity(engine: &Engine, pd: &dyn PdClient) -> anyhow::Result<u64> {
     let cluster_id = pd.cluster_id();
+    check_data_format(engine)?;
     if let Some(ident) = load_store_ident(engine)? {
         if cluster_id != 0 && ident.cluster_id != 0 && ident.cluster_id != cluster_id {
             anyhow::bail!(

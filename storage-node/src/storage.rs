@@ -309,12 +309,60 @@ impl<E: KvEngine> Storage<E> {
         Ok(self.router.read_async(header(ctx)).await?)
     }
 
-    /// A leader snapshot for a write command (its keys are latched by the caller).
+    /// A leader snapshot for a write command (its keys are latched by the caller). Its state
+    /// may be stale if this leader was deposed without knowing it yet: only a decision that
+    /// goes through the log may rest on it alone (see [`Self::decide_on_leader`]).
     fn write_snapshot(&self, ctx: &Context) -> Result<RegionSnapshot<E::Snapshot>, Fail> {
         self.check_store(ctx)?;
         Ok(self
             .router
             .local_leader_snapshot(ctx.region_id, ctx.region_epoch.as_ref())?)
+    }
+
+    /// A leader snapshot that is as fresh as a linearizable read: served under the leader
+    /// lease, or after a ReadIndex round (which a deposed leader cannot complete).
+    async fn confirmed_snapshot(&self, ctx: &Context) -> Result<RegionSnapshot<E::Snapshot>, Fail> {
+        self.check_store(ctx)?;
+        Ok(self.router.read_async(header(ctx)).await?)
+    }
+
+    /// Decides a write command on the leader's state (the caller holds the latches of `keys`).
+    /// `decide` returns its outcome and whether that outcome writes anything.
+    ///
+    /// An outcome that writes is proposed through raft, so the leader's local snapshot is
+    /// enough: a deposed leader's proposal never commits, and a live leader's latches order it
+    /// after every earlier write to the keys. An outcome that writes nothing (a failed compare,
+    /// a delete of nothing, a retry found already done, a key error) is answered from this
+    /// store's state alone; a leader cut off from its peers may not know yet that another was
+    /// elected and wrote since. So such an outcome stands only once leadership is confirmed
+    /// after it was decided, by the lease or a ReadIndex round (which a deposed leader cannot
+    /// complete), in the same term: a term has one leader, every earlier term's entries were
+    /// applied before this leader served, and its own writes to these keys are held off by the
+    /// latches, so the decision is still current. If the term changed meanwhile, the command
+    /// is decided again on the confirmed snapshot (and proposes its writes if it now has
+    /// some). Region errors need no confirmation: the client retries elsewhere.
+    async fn decide_on_leader<T>(
+        &self,
+        ctx: &Context,
+        keys: &[Vec<u8>],
+        mut decide: impl FnMut(&RegionSnapshot<E::Snapshot>) -> Result<(T, bool), Fail>,
+    ) -> Result<(RegionSnapshot<E::Snapshot>, T), Fail> {
+        let krefs: Vec<&[u8]> = keys.iter().map(|k| k.as_slice()).collect();
+        let snap = self.write_snapshot(ctx)?;
+        check_in_region(&krefs, &snap.region)?;
+        let first = decide(&snap);
+        match first {
+            Ok((out, true)) => return Ok((snap, out)),
+            Err(Fail::Region(e)) => return Err(Fail::Region(e)),
+            Ok((_, false)) | Err(_) => {}
+        }
+        let confirmed = self.confirmed_snapshot(ctx).await?;
+        if confirmed.term == snap.term {
+            return first.map(|(out, _)| (snap, out));
+        }
+        check_in_region(&krefs, &confirmed.region)?;
+        let (out, _) = decide(&confirmed)?;
+        Ok((confirmed, out))
     }
 
     async fn propose(
@@ -515,16 +563,17 @@ impl<E: KvEngine> Storage<E> {
     // ---------------- plain writes ----------------
 
     /// The shared one-phase path of plain writes. `decide` sees the reader and returns the
-    /// writes to make (None = nothing, e.g. a failed compare) plus an answer payload.
+    /// writes to make (none, e.g. for a failed compare) plus an answer payload; it may run twice
+    /// (see [`Self::decide_on_leader`]).
     async fn plain<T, D>(
         &self,
         ctx: &Context,
         start_ts: u64,
         keys: Vec<Vec<u8>>,
-        decide: D,
+        mut decide: D,
     ) -> Result<(u64, T), Fail>
     where
-        D: FnOnce(&MvccReader<E::Snapshot>) -> Result<(Vec<(Vec<u8>, Option<Vec<u8>>)>, T), Fail>,
+        D: FnMut(&MvccReader<E::Snapshot>) -> Result<(Vec<(Vec<u8>, Option<Vec<u8>>)>, T), Fail>,
         T: Default,
     {
         if start_ts == 0 {
@@ -537,25 +586,32 @@ impl<E: KvEngine> Storage<E> {
         keys.dedup();
         let _latch = self.latches.acquire(&keys).await;
         let mem = self.cm.lock_keys(&keys);
-        let snap = self.write_snapshot(ctx)?;
-        let krefs: Vec<&[u8]> = keys.iter().map(|k| k.as_slice()).collect();
-        check_in_region(&krefs, &snap.region)?;
-        self.ensure_max_ts_synced(snap.region.id, snap.term).await?;
-        let reader = MvccReader::new(snap.snap.clone());
-        // A retry of a write already applied: answer it again.
-        for k in &keys {
-            if let TxnCommitRecord::SingleRecord { commit_ts, write } =
-                reader.get_txn_commit_record(k, start_ts)?
-            {
-                if write.write_type != atoll_txn::WriteType::Rollback {
-                    return Ok((commit_ts, T::default()));
+        let (snap, (writes, answer, done)) = self
+            .decide_on_leader(ctx, &keys, |snap| {
+                let reader = MvccReader::new(snap.snap.clone());
+                // A retry of a write already applied: answer it again.
+                for k in &keys {
+                    if let TxnCommitRecord::SingleRecord { commit_ts, write } =
+                        reader.get_txn_commit_record(k, start_ts)?
+                    {
+                        if write.write_type != atoll_txn::WriteType::Rollback {
+                            return Ok(((vec![], T::default(), Some(commit_ts)), false));
+                        }
+                    }
                 }
-            }
+                let (writes, answer) = decide(&reader)?;
+                let writes_some = !writes.is_empty();
+                Ok(((writes, answer, None), writes_some))
+            })
+            .await?;
+        if let Some(commit_ts) = done {
+            return Ok((commit_ts, answer));
         }
-        let (writes, answer) = decide(&reader)?;
         if writes.is_empty() {
             return Ok((0, answer));
         }
+        self.ensure_max_ts_synced(snap.region.id, snap.term).await?;
+        let reader = MvccReader::new(snap.snap.clone());
         let mut newest = 0;
         for (k, _) in &writes {
             newest = newest.max(reader.latest_commit_ts(k)?.unwrap_or(0));
@@ -581,9 +637,12 @@ impl<E: KvEngine> Storage<E> {
         self.check_key(&req.key)?;
         self.check_value(&req.value)?;
         let mut resp = PutResponse::default();
-        let w = vec![(req.key.clone(), Some(req.value))];
+        // A put always writes: decided once.
+        let mut w = Some(vec![(req.key.clone(), Some(req.value))]);
         match self
-            .plain(&ctx, req.start_version, vec![req.key], move |_| Ok((w, ())))
+            .plain(&ctx, req.start_version, vec![req.key], move |_| {
+                Ok((w.take().unwrap_or_default(), ()))
+            })
             .await
         {
             Ok((ts, ())) => resp.commit_version = ts,
@@ -612,9 +671,15 @@ impl<E: KvEngine> Storage<E> {
         for p in req.pairs {
             last.insert(p.key, p.value);
         }
-        let w: Vec<_> = last.into_iter().map(|(k, v)| (k, Some(v))).collect();
+        let mut w = Some(
+            last.into_iter()
+                .map(|(k, v)| (k, Some(v)))
+                .collect::<Vec<_>>(),
+        );
         match self
-            .plain(&ctx, req.start_version, keys, move |_| Ok((w, ())))
+            .plain(&ctx, req.start_version, keys, move |_| {
+                Ok((w.take().unwrap_or_default(), ()))
+            })
             .await
         {
             Ok((ts, ())) => resp.commit_version = ts,
@@ -632,7 +697,14 @@ impl<E: KvEngine> Storage<E> {
             .plain(&ctx, req.start_version, vec![req.key], move |reader| {
                 // Deleting nothing writes nothing.
                 let live = reader.get(&key, u64::MAX, &[])?.is_some();
-                Ok((if live { vec![(key, None)] } else { vec![] }, ()))
+                Ok((
+                    if live {
+                        vec![(key.clone(), None)]
+                    } else {
+                        vec![]
+                    },
+                    (),
+                ))
             })
             .await;
         match r {
@@ -659,35 +731,41 @@ impl<E: KvEngine> Storage<E> {
             (req.limit as usize).min(DELETE_RANGE_BATCH)
         };
         let r: Result<(u32, bool), Fail> = async {
-            // Find the live keys (latest), then delete them in one phase.
-            let snap = self.write_snapshot(&ctx)?;
-            check_in_region(&[&req.start_key], &snap.region)?;
-            let end = if req.end_key.is_empty()
-                || (!snap.region.end_key.is_empty() && req.end_key > snap.region.end_key)
-            {
-                snap.region.end_key.clone()
-            } else {
-                req.end_key.clone()
-            };
-            let found = MvccReader::new(snap.snap).scan(
-                &req.start_key,
-                &end,
-                limit,
-                u64::MAX,
-                true,
-                false,
-                &[],
-            )?;
-            if found.is_empty() {
+            // Find the live keys (latest), then delete them in one phase. Finding none is an
+            // answer that writes nothing: confirmed like any other (see `decide_on_leader`).
+            let start = std::slice::from_ref(&req.start_key);
+            let (_, keys) = self
+                .decide_on_leader(&ctx, start, |snap| {
+                    let end = if req.end_key.is_empty()
+                        || (!snap.region.end_key.is_empty() && req.end_key > snap.region.end_key)
+                    {
+                        snap.region.end_key.clone()
+                    } else {
+                        req.end_key.clone()
+                    };
+                    let found = MvccReader::new(snap.snap.clone()).scan(
+                        &req.start_key,
+                        &end,
+                        limit,
+                        u64::MAX,
+                        true,
+                        false,
+                        &[],
+                    )?;
+                    let keys: Vec<Vec<u8>> = found.into_iter().map(|(k, _)| k).collect();
+                    let some = !keys.is_empty();
+                    Ok((keys, some))
+                })
+                .await?;
+            if keys.is_empty() {
                 return Ok((0, false));
             }
-            let keys: Vec<Vec<u8>> = found.into_iter().map(|(k, _)| k).collect();
             let more = keys.len() >= limit;
             let ks = keys.clone();
             let (_, n) = self
                 .plain(&ctx, req.start_version, keys, move |reader| {
                     let mut w = vec![];
-                    for k in ks {
+                    for k in ks.iter().cloned() {
                         if reader.get(&k, u64::MAX, &[])?.is_some() {
                             w.push((k, None));
                         }
@@ -738,7 +816,7 @@ impl<E: KvEngine> Storage<E> {
                         Some(v) => !expect_absent && *v == expected,
                     };
                     let w = if matches {
-                        vec![(key, if delete { None } else { Some(value) })]
+                        vec![(key.clone(), if delete { None } else { Some(value.clone()) })]
                     } else {
                         vec![]
                     };
@@ -772,7 +850,8 @@ impl<E: KvEngine> Storage<E> {
 
     // ---------------- transactions ----------------
 
-    /// Runs a transaction command on `keys` (latched) and proposes its mutations.
+    /// Runs a transaction command on `keys` (latched) and proposes its mutations. `f` may run
+    /// twice (see [`Self::decide_on_leader`]).
     async fn txn_cmd<T, F>(
         &self,
         ctx: &Context,
@@ -781,19 +860,23 @@ impl<E: KvEngine> Storage<E> {
         f: F,
     ) -> Result<T, Fail>
     where
-        F: FnOnce(&mut MvccTxn, &MvccReader<E::Snapshot>, &metapb::Region) -> Result<T, Fail>,
+        F: Fn(&mut MvccTxn, &MvccReader<E::Snapshot>, &metapb::Region) -> Result<T, Fail>,
     {
         let mut ks = keys.to_vec();
         ks.sort();
         ks.dedup();
         let _latch = self.latches.acquire(&ks).await;
-        let snap = self.write_snapshot(ctx)?;
-        let krefs: Vec<&[u8]> = ks.iter().map(|k| k.as_slice()).collect();
-        check_in_region(&krefs, &snap.region)?;
-        let reader = MvccReader::new(snap.snap.clone());
-        let mut txn = MvccTxn::new(start_ts);
-        let out = f(&mut txn, &reader, &snap.region)?;
-        self.propose(ctx, &snap.region, txn.into_modifies()).await?;
+        let (snap, (out, mods)) = self
+            .decide_on_leader(ctx, &ks, |snap| {
+                let reader = MvccReader::new(snap.snap.clone());
+                let mut txn = MvccTxn::new(start_ts);
+                let out = f(&mut txn, &reader, &snap.region)?;
+                let mods = txn.into_modifies();
+                let writes = !mods.is_empty();
+                Ok(((out, mods), writes))
+            })
+            .await?;
+        self.propose(ctx, &snap.region, mods).await?;
         Ok(out)
     }
 
@@ -829,13 +912,6 @@ impl<E: KvEngine> Storage<E> {
             } else {
                 None
             };
-            let snap = self.write_snapshot(&ctx)?;
-            let krefs: Vec<&[u8]> = ks.iter().map(|k| k.as_slice()).collect();
-            check_in_region(&krefs, &snap.region)?;
-            if one_pc {
-                self.ensure_max_ts_synced(snap.region.id, snap.term).await?;
-            }
-            let reader = MvccReader::new(snap.snap.clone());
             let params = atoll_txn::PrewriteParams {
                 primary: req.primary_lock.clone(),
                 start_ts: req.start_version,
@@ -848,27 +924,43 @@ impl<E: KvEngine> Storage<E> {
                 max_commit_ts: req.max_commit_ts,
                 one_pc,
             };
-            let mut txn = MvccTxn::new(req.start_version);
-            let mut errors = vec![];
-            for (i, m) in req.mutations.iter().enumerate() {
-                let op = Op::try_from(m.op).map_err(|_| abort(format!("unknown op {}", m.op)))?;
-                let pess = req.is_pessimistic_lock.get(i).copied().unwrap_or(false);
-                match atoll_txn::prewrite(&mut txn, &reader, &params, (op, &m.key, &m.value), pess)
-                {
-                    Ok(_) => {}
-                    // A retry of a prewrite whose transaction already committed.
-                    Err(atoll_txn::Error::Committed { commit_ts, .. }) if one_pc => {
-                        return Ok(commit_ts)
+            // Ok(Err(commit_ts)): a retry of a one-phase prewrite that already committed.
+            let (snap, prewritten) = self
+                .decide_on_leader(&ctx, &ks, |snap| {
+                    let reader = MvccReader::new(snap.snap.clone());
+                    let mut txn = MvccTxn::new(req.start_version);
+                    let mut errors = vec![];
+                    for (i, m) in req.mutations.iter().enumerate() {
+                        let op = Op::try_from(m.op)
+                            .map_err(|_| abort(format!("unknown op {}", m.op)))?;
+                        let pess = req.is_pessimistic_lock.get(i).copied().unwrap_or(false);
+                        let mutation = (op, m.key.as_slice(), m.value.as_slice());
+                        match atoll_txn::prewrite(&mut txn, &reader, &params, mutation, pess) {
+                            Ok(_) => {}
+                            Err(atoll_txn::Error::Committed { commit_ts, .. }) if one_pc => {
+                                return Ok((Err(commit_ts), false))
+                            }
+                            Err(atoll_txn::Error::Committed { .. }) => {}
+                            Err(e) => errors.push(e.to_key_error()),
+                        }
                     }
-                    Err(atoll_txn::Error::Committed { .. }) => {}
-                    Err(e) => errors.push(e.to_key_error()),
-                }
+                    if !errors.is_empty() {
+                        // Every problem is reported at once (the client resolves all the
+                        // locks); nothing of this prewrite is written.
+                        return Err(Fail::Keys(errors));
+                    }
+                    let writes = !txn.is_empty();
+                    Ok((Ok(txn), writes))
+                })
+                .await?;
+            let mut txn = match prewritten {
+                Ok(txn) => txn,
+                Err(commit_ts) => return Ok(commit_ts),
+            };
+            if one_pc {
+                self.ensure_max_ts_synced(snap.region.id, snap.term).await?;
             }
-            if !errors.is_empty() {
-                // Every problem is reported at once (the client resolves all the locks);
-                // nothing of this prewrite is written.
-                return Err(Fail::Keys(errors));
-            }
+            let reader = MvccReader::new(snap.snap.clone());
             let mut commit_ts = 0;
             if one_pc {
                 let mut newest = 0;
@@ -1026,27 +1118,28 @@ impl<E: KvEngine> Storage<E> {
         let ctx = self.check_ctx(&req.context)?;
         let mut resp = ResolveLockResponse::default();
         let keys = if req.keys.is_empty() {
-            // Every lock of the transaction in this region.
-            match self.write_snapshot(&ctx) {
-                Ok(snap) => {
+            // Every lock of the transaction in this region ("none" is confirmed like any
+            // answer that writes nothing).
+            let found = self
+                .decide_on_leader(&ctx, &[], |snap| {
                     let r = &snap.region;
-                    match MvccReader::new(snap.snap.clone()).scan_locks(
+                    let locks = MvccReader::new(snap.snap.clone()).scan_locks(
                         &r.start_key,
                         &r.end_key,
                         u64::MAX,
                         0,
-                    ) {
-                        Ok(locks) => locks
-                            .into_iter()
-                            .filter(|(_, l)| l.start_ts == req.start_version)
-                            .map(|(k, _)| k)
-                            .collect(),
-                        Err(e) => {
-                            resp.error = Some(e.to_key_error());
-                            return Ok(resp);
-                        }
-                    }
-                }
+                    )?;
+                    let keys: Vec<Vec<u8>> = locks
+                        .into_iter()
+                        .filter(|(_, l)| l.start_ts == req.start_version)
+                        .map(|(k, _)| k)
+                        .collect();
+                    let some = !keys.is_empty();
+                    Ok((keys, some))
+                })
+                .await;
+            match found {
+                Ok((_, keys)) => keys,
                 Err(f) => {
                     fail_into!(resp, f, key);
                     return Ok(resp);

@@ -43,6 +43,15 @@ where
     }
 }
 
+/// A small multi-threaded runtime for a test's async clients.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
 /// A random seed from the environment (`ATOLL_SEED`) or fresh; always printed.
 pub fn seed() -> u64 {
     let s = std::env::var("ATOLL_SEED")

@@ -551,3 +551,50 @@ pub fn regions_healthy(v: &Value, replicas: usize) -> bool {
                 && r["leader"].is_object()
         })
 }
+
+/// CPU time (user + system) a process has used so far, from `/proc/PID/stat`.
+pub fn cpu_time(pid: u32) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces: fields after it start past the last ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the whole line (11 and 12 after the name).
+    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Some(Duration::from_millis(ticks * 1000 / hz))
+}
+
+/// The fraction of one core each process used over `window` (measured from now).
+pub fn cpu_fractions(pids: &[u32], window: Duration) -> Vec<f64> {
+    let before: Vec<Option<Duration>> = pids.iter().map(|p| cpu_time(*p)).collect();
+    let t0 = Instant::now();
+    std::thread::sleep(window);
+    let elapsed = t0.elapsed().as_secs_f64();
+    pids.iter()
+        .zip(before)
+        .map(|(p, b)| match (b, cpu_time(*p)) {
+            (Some(b), Some(a)) => (a.saturating_sub(b)).as_secs_f64() / elapsed,
+            _ => f64::NAN,
+        })
+        .collect()
+}
+
+/// The value of a Prometheus counter or gauge (summed over its label sets) on a status page.
+pub fn metric_sum(status_addr: &str, name: &str) -> Option<f64> {
+    let (code, body) = http(status_addr, "GET", "/metrics", "").ok()?;
+    if code != 200 {
+        return None;
+    }
+    let mut sum = 0.0;
+    for line in body.lines() {
+        if line.starts_with('#') {
+            continue;
+        }
+        let (metric, value) = line.rsplit_once(' ')?;
+        let base = metric.split('{').next().unwrap_or(metric);
+        if base == name {
+            sum += value.parse::<f64>().ok()?;
+        }
+    }
+    Some(sum)
+}

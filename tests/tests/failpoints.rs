@@ -20,6 +20,7 @@
 //! | `failing_writes_and_txn_commands_stay_all_or_nothing` | `storage::before_plain_write`, `after_write_applied`, `txn::prewrite`, `txn::commit` |
 //! | `client_dying_mid_commit_leaves_locks_readers_resolve` | `client::txn_after_prewrite`, `txn_after_primary_commit` |
 //! | `tso_failpoints_fail_cleanly_and_time_never_goes_back` | `pd::tso_alloc`, `pd::tso_save` |
+//! | `slow_apply_under_a_write_flood_keeps_memory_flat` | `raftstore::before_apply` (pause) |
 
 use atoll_client::{Client, ClientConfig};
 use atoll_proto::kvrpcpb;
@@ -29,7 +30,7 @@ use atoll_tests::procs::{
     self, list_failpoints, regions_healthy, remove_failpoint, set_failpoint, status_json,
     ClusterOpts, ProcCluster,
 };
-use atoll_tests::wait_until;
+use atoll_tests::{runtime, wait_until};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::process::Output;
@@ -71,14 +72,6 @@ fn assert_clean_failure(o: &Output, what: &str) {
 
 fn must_ok(o: &Output, what: &str) {
     assert!(o.status.success(), "{what} failed: {}", err_str(o));
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime")
 }
 
 fn client(c: &ProcCluster, rt: &tokio::runtime::Runtime) -> Arc<Client> {
@@ -760,13 +753,14 @@ fn follower_catches_up_despite_failing_snapshots(
         failed, 3,
         "the failpoint {fp} did not fail the snapshot 3 times"
     );
-    let applied_after = c
-        .router(follower)
-        .metrics()
-        .snapshots_applied
-        .load(Ordering::Relaxed);
+    // (The data lands in batches before the apply is reported done: wait for the report.)
     assert!(
-        applied_after > applied_before,
+        wait_until(Duration::from_secs(10), || c
+            .router(follower)
+            .metrics()
+            .snapshots_applied
+            .load(Ordering::Relaxed)
+            > applied_before),
         "the follower did not catch up by snapshot"
     );
     // It keeps following from the log, and holds everything after a restart.
@@ -1432,4 +1426,110 @@ fn tso_failpoints_fail_cleanly_and_time_never_goes_back() {
         seen.windows(2).all(|w| w[0] < w[1]),
         "timestamps went back across the faults: {seen:?}"
     );
+}
+
+/// Resident memory of a process, from `/proc/PID/status`.
+fn rss_bytes(pid: u32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// Apply flow control: a follower whose apply stalls (`raftstore::before_apply` paused on its
+/// store) under a write flood leaves the committed entries it cannot apply in its raft log (on
+/// disk) instead of queueing them in memory: its resident memory stays flat while the flood
+/// writes far more than it holds, and it catches up once apply runs again.
+#[test]
+fn slow_apply_under_a_write_flood_keeps_memory_flat() {
+    // No balancing: leadership must not move onto the store whose apply stalls (a leader
+    // that cannot apply cannot acknowledge writes; that is not what is measured here).
+    let dir = tempfile::tempdir().unwrap();
+    let pd_cfg = dir.path().join("pd.toml");
+    std::fs::write(&pd_cfg, "[schedule]\nenable-balance = false\n").unwrap();
+    let c = start_cluster(3, &[], &["--config", pd_cfg.to_str().unwrap()]);
+    let lead = busiest(&c, &[0, 1, 2]);
+    let slow = (0..3).find(|i| *i != lead).expect("a follower");
+    let pid = c.stores[slow].proc_.pid().expect("running");
+    const VALUE: usize = 64 << 10;
+    let value = VALUE.to_string();
+    // Warm up (memtables, connections) before the baseline.
+    must_ok(
+        &c.kvctl(&[
+            "bench",
+            "put",
+            "--clients",
+            "8",
+            "--duration",
+            "3",
+            "--value-size",
+            &value,
+        ]),
+        "warm-up",
+    );
+    let base = rss_bytes(pid).expect("rss");
+    set_failpoint(&c.stores[slow].status_addr, rfp::BEFORE_APPLY, "pause");
+    let stop = Arc::new(AtomicBool::new(false));
+    let sampler = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut max = 0;
+            while !stop.load(Ordering::Relaxed) {
+                max = max.max(rss_bytes(pid).unwrap_or(0));
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            max
+        })
+    };
+    let out = c.kvctl(&[
+        "bench",
+        "put",
+        "--clients",
+        "32",
+        "--duration",
+        "30",
+        "--value-size",
+        &value,
+        "--keys",
+        "2000",
+    ]);
+    must_ok(&out, "flood");
+    let pending = procs::metric_sum(&c.stores[slow].status_addr, "atoll_apply_pending_bytes");
+    stop.store(true, Ordering::Relaxed);
+    let peak = sampler.join().expect("sampler");
+    let bench: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+    let ops = bench["ops"].as_u64().unwrap_or(0);
+    let written = ops * VALUE as u64;
+    let grew = peak.saturating_sub(base);
+    eprintln!(
+        "flood of {ops} puts of 64 KiB ({} MiB) with the follower's apply stalled: its RSS {} MiB -> peak {} MiB (+{} MiB); apply pending at the end {:?} bytes",
+        written >> 20,
+        base >> 20,
+        peak >> 20,
+        grew >> 20,
+        pending
+    );
+    assert!(
+        written > 300 << 20,
+        "the flood was too small to show anything ({} MiB)",
+        written >> 20
+    );
+    assert!(
+        grew < written / 2,
+        "the stalled follower's memory grew by {} MiB for {} MiB written",
+        grew >> 20,
+        written >> 20
+    );
+    assert!(
+        pending.unwrap_or(0.0) <= (256u64 << 20) as f64,
+        "apply pending past the store limit: {pending:?}"
+    );
+    // Apply runs again: it catches up (a write made now is soon in its own copy).
+    remove_failpoint(&c.stores[slow].status_addr, rfp::BEFORE_APPLY);
+    must_ok(&c.kvctl(&["put", "after-flood", "caught-up"]), "put after");
+    let rt = runtime();
+    let cl = client(&c, &rt);
+    let mut acked = BTreeMap::new();
+    acked.insert("after-flood".to_string(), "caught-up".to_string());
+    must_store_hold(&c, &rt, &cl, slow, "after-flood", "after-flood\0", &acked);
 }

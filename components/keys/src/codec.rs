@@ -18,6 +18,8 @@ pub enum CodecError {
     KeyTooShort(usize),
     #[error("not a local key: {0:?}")]
     BadLocalKey(Vec<u8>),
+    #[error("not a data key (no data prefix): {0:?}")]
+    BadDataKey(Vec<u8>),
 }
 
 /// Encoded length of a key of `len` bytes.

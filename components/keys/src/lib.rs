@@ -6,10 +6,13 @@
 //! | this file | where everything lives in the engine: data keys in the data column families, and the local keys (raft log, raft/apply/region states, store ident) in the `raft` column family |
 //!
 //! Invariants:
-//! - A user key `k` is stored in the data column families as `codec::encode_bytes(k)` (+ an
-//!   8-byte descending timestamp in `default` and `write`), so byte order of stored keys is the
-//!   order of user keys, then newest version first; a region `[start, end)` of user keys is the
-//!   stored range `[encode(start), encode(end))` in every data column family.
+//! - A user key `k` is stored in the data column families as `z ++ codec::encode_bytes(k)`
+//!   (+ an 8-byte descending timestamp in `default` and `write`), so byte order of stored keys
+//!   is the order of user keys, then newest version first; a region `[start, end)` of user keys
+//!   is the stored range `[data_key(start), data_end(end))` in every data column family.
+//! - Every stored data key is below [`DATA_MAX_KEY`] (the prefix byte plus one): that is the
+//!   stored end of a region that ends at +infinity, a true bound whatever the user keys hold
+//!   (memcomparable encodings of long runs of 0xff bytes are themselves runs of 0xff).
 //! - Local keys never mix with data: they live in their own column family.
 
 pub mod codec;
@@ -21,14 +24,34 @@ pub const DEFAULT_MAX_KEY_SIZE: usize = 8 * 1024;
 /// Largest value accepted by default.
 pub const DEFAULT_MAX_VALUE_SIZE: usize = 8 * 1024 * 1024;
 
+/// The first byte of every stored data key.
+pub const DATA_PREFIX: u8 = b'z';
+/// Above every stored data key: the stored end of the key space.
+pub const DATA_MAX_KEY: &[u8] = &[DATA_PREFIX + 1];
+
 /// Encoded form of a user key as stored in the data column families (without timestamp).
 pub fn data_key(user_key: &[u8]) -> Vec<u8> {
-    encode_bytes(user_key)
+    let mut k = Vec::with_capacity(1 + codec::encoded_len(user_key.len()) + 8);
+    k.push(DATA_PREFIX);
+    codec::encode_bytes_to(user_key, &mut k);
+    k
+}
+
+/// The user key of a stored data key (`data_key(k)` optionally followed by more bytes, such
+/// as a timestamp), and how many bytes of `stored` its encoding took.
+pub fn decode_data_key(stored: &[u8]) -> Result<(Vec<u8>, usize), CodecError> {
+    match stored.split_first() {
+        Some((&DATA_PREFIX, rest)) => {
+            let (k, n) = decode_bytes(rest)?;
+            Ok((k, n + 1))
+        }
+        _ => Err(CodecError::BadDataKey(stored.to_vec())),
+    }
 }
 
 /// The stored start bound of a region (inclusive).
 pub fn data_start_key(region_start: &[u8]) -> Vec<u8> {
-    encode_bytes(region_start)
+    data_key(region_start)
 }
 
 /// The stored end bound of a region (exclusive); `None` when the region is unbounded.
@@ -36,8 +59,14 @@ pub fn data_end_key(region_end: &[u8]) -> Option<Vec<u8>> {
     if region_end.is_empty() {
         None
     } else {
-        Some(encode_bytes(region_end))
+        Some(data_key(region_end))
     }
+}
+
+/// The stored end bound of a region (exclusive), [`DATA_MAX_KEY`] when it is unbounded: the
+/// bound for deleting or copying a region's data.
+pub fn data_end_bound(region_end: &[u8]) -> Vec<u8> {
+    data_end_key(region_end).unwrap_or_else(|| DATA_MAX_KEY.to_vec())
 }
 
 /// Appends a timestamp so that newer versions sort first.
@@ -138,6 +167,15 @@ pub fn store_ident_key() -> Vec<u8> {
     vec![STORE_PREFIX, 0x01]
 }
 
+/// Where the store records the format of its data (see [`DATA_FORMAT_VERSION`]).
+pub fn data_format_key() -> Vec<u8> {
+    vec![STORE_PREFIX, 0x03]
+}
+
+/// The on-disk layout this build reads and writes. 1: data keys carry [`DATA_PREFIX`].
+/// (Data directories written before version 1 have a store ident and no format key.)
+pub const DATA_FORMAT_VERSION: u32 = 1;
+
 /// Where the store remembers the last GC safe point it has applied.
 pub fn gc_safe_point_key() -> Vec<u8> {
     vec![STORE_PREFIX, 0x02]
@@ -163,6 +201,22 @@ mod tests {
         let a0_new = append_ts(data_key(b"a\x00"), u64::MAX - 1);
         assert!(a_old < a0_new);
         assert!(append_ts(data_key(b"a"), 0) < data_key(b"a\x00"));
+    }
+
+    #[test]
+    fn every_data_key_is_below_the_max_even_long_runs_of_0xff() {
+        for len in [0usize, 1, 7, 8, 56, 57, 64, 100, 1000] {
+            let k = vec![0xffu8; len];
+            let stored = append_ts(data_key(&k), 0);
+            assert!(stored.as_slice() < DATA_MAX_KEY, "len {len}");
+            assert!(data_key(&k).as_slice() >= data_key(b"").as_slice());
+            let (back, n) = decode_data_key(&stored).unwrap();
+            assert_eq!(back, k);
+            assert_eq!(n, data_key(&k).len());
+        }
+        assert_eq!(data_end_bound(b""), DATA_MAX_KEY);
+        assert_eq!(data_end_bound(b"m"), data_key(b"m"));
+        assert!(decode_data_key(&encode_bytes(b"x")).is_err());
     }
 
     #[test]

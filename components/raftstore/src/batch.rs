@@ -8,6 +8,9 @@
 //!   [`PollHandler::end`] once for the whole batch: that is where the raft poller writes one
 //!   `WriteBatch` with one fsync for every region of the round.
 //! - No thread, task or timer exists per FSM: an idle region costs a parked box.
+//! - The pool's queue holds each FSM at most once (sending moves a parked FSM into it; a
+//!   scheduled one is not parked), so its length is bounded by the number of FSMs; mailboxes
+//!   are bounded by their capacity for outside traffic (`try_send`).
 //!
 //! Race-freedom of the idle/scheduled hand-off: a sender enqueues and then, under the slot
 //! lock, takes the FSM if it is parked; a poller parks the FSM under the same lock only if the

@@ -58,6 +58,10 @@ pub struct Config {
     pub pd_store_heartbeat_interval: ReadableDuration,
     /// A peer not heard from this long counts as down in region heartbeats.
     pub max_peer_down_duration: ReadableDuration,
+    /// A store not heard from this long (no message, no keep-alive) is taken as down: its
+    /// peers no longer keep regions awake, and sleeping leaders report them down to PD. The
+    /// transport sends a keep-alive on every idle connection each second.
+    pub store_liveness_timeout: ReadableDuration,
     /// A follower without a leader this long asks PD whether it is still a member.
     pub abnormal_leader_missing_duration: ReadableDuration,
 
@@ -71,6 +75,12 @@ pub struct Config {
     pub raft_entry_cache_size: ReadableSize,
     /// Apply this many bytes at most before writing the apply batch.
     pub apply_batch_size: ReadableSize,
+    /// Committed entries a region may have handed to the apply side and not yet applied;
+    /// past it, its raft side stops fetching committed entries (they stay in the log) until
+    /// apply catches up.
+    pub apply_max_pending_size: ReadableSize,
+    /// The same bound for the whole store (a region with nothing pending may always fetch).
+    pub apply_pending_memory_limit: ReadableSize,
 }
 
 impl Default for Config {
@@ -99,12 +109,15 @@ impl Default for Config {
             pd_heartbeat_interval: ReadableDuration::secs(10),
             pd_store_heartbeat_interval: ReadableDuration::secs(2),
             max_peer_down_duration: ReadableDuration::secs(30),
+            store_liveness_timeout: ReadableDuration::secs(3),
             abnormal_leader_missing_duration: ReadableDuration::secs(30),
             snap_chunk_size: ReadableSize::mib(1),
             concurrent_send_snap_limit: 4,
             concurrent_recv_snap_limit: 4,
             raft_entry_cache_size: ReadableSize::mib(4),
             apply_batch_size: ReadableSize::mib(4),
+            apply_max_pending_size: ReadableSize::mib(16),
+            apply_pending_memory_limit: ReadableSize::mib(256),
         }
     }
 }
@@ -163,6 +176,18 @@ impl Config {
         }
         if self.raft_entry_max_size.0 < 1024 {
             return Err(invalid("raft-entry-max-size", "must be at least 1KiB"));
+        }
+        if self.apply_max_pending_size.0 == 0 || self.apply_pending_memory_limit.0 == 0 {
+            return Err(invalid(
+                "apply-max-pending-size",
+                "apply-max-pending-size and apply-pending-memory-limit must be positive",
+            ));
+        }
+        if self.store_liveness_timeout.0 < Duration::from_secs(2) {
+            return Err(invalid(
+                "store-liveness-timeout",
+                "must be at least 2s (the transport's keep-alives come every second)",
+            ));
         }
         if self.snap_chunk_size.0 == 0 || self.snap_chunk_size.0 > 64 << 20 {
             return Err(invalid("snap-chunk-size", "must be in (0, 64MiB]"));

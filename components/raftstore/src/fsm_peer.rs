@@ -23,6 +23,8 @@ use std::time::Instant;
 pub struct PeerFsm<E: KvEngine> {
     pub peer: Peer<E>,
     stopped: bool,
+    /// A destroy is staged in the round's write batch; completed after the write.
+    destroy_staged: bool,
 }
 
 impl<E: KvEngine> Fsm for PeerFsm<E> {
@@ -45,6 +47,7 @@ impl<E: KvEngine> PeerFsm<E> {
         Ok(Box::new(PeerFsm {
             peer: Peer::new(ctx, region, meta)?,
             stopped: false,
+            destroy_staged: false,
         }))
     }
 
@@ -91,7 +94,7 @@ impl<E: KvEngine> PeerFsm<E> {
             PeerMsg::Wake => {
                 if self.peer.is_leader() {
                     self.peer.wake(ctx);
-                } else {
+                } else if self.peer.hibernating {
                     self.peer.wake_group(ctx);
                 }
             }
@@ -471,6 +474,7 @@ impl<E: KvEngine> PeerFsm<E> {
         }
         self.peer.applied_index = res.applied_index;
         self.peer.applied_term = res.applied_term;
+        self.peer.on_applied(ctx, res.applied_index);
         self.peer
             .raft_group
             .mut_store()
@@ -648,6 +652,7 @@ impl<E: KvEngine> PeerFsm<E> {
         self.peer.applied_index = state.applied_index;
         self.peer.applied_term = state.applied_term;
         self.peer.last_sent_to_apply = state.applied_index;
+        self.peer.clear_apply_pending(ctx);
         self.peer.raft_group.advance_apply_to(state.applied_index);
         let _ = ctx.apply_router.force_send(
             self.region_id(),
@@ -718,6 +723,7 @@ impl<E: KvEngine> PeerFsm<E> {
             return;
         }
         self.peer.pending_remove = true;
+        self.peer.clear_apply_pending(ctx);
         let err = Error::RegionNotFound(self.region_id());
         self.peer.fail_proposals(&err);
         self.peer.fail_reads(&err);
@@ -734,6 +740,11 @@ impl<E: KvEngine> PeerFsm<E> {
         }
     }
 
+    /// Stages the tombstone, the raft state's deletion and (if no other region here covers
+    /// any of it) the data's deletion into the round's write batch. The range stays claimed in
+    /// the store's meta until [`Self::complete_destroy`], after that batch is written: a
+    /// snapshot of an overlapping region can only be accepted once the deletion is on disk,
+    /// never be wiped by it.
     fn finish_destroy(&mut self, ctx: &StoreContext<E>, wb: &mut E::WriteBatch) {
         if self.stopped {
             return;
@@ -747,39 +758,45 @@ impl<E: KvEngine> PeerFsm<E> {
                 tomb.id = region_id;
             }
             write_region_state(wb, &tomb, PeerState::Tombstone)?;
-            wb.delete_cf(CF_RAFT, &atoll_keys::raft_state_key(region_id))?;
-            wb.delete_cf(CF_RAFT, &atoll_keys::apply_state_key(region_id))?;
-            let (s, e) = atoll_keys::raft_log_range(region_id);
-            wb.delete_range_cf(CF_RAFT, &s, &e)?;
-            Ok(())
-        })();
-        if let Err(e) = res {
-            tracing::error!(tag = %self.peer.tag, error = %e, "stage destroy");
-        }
-        {
-            let mut meta = ctx.meta.lock();
-            let owns_range = meta.regions.contains_key(&region_id);
-            if owns_range {
-                meta.remove_region(region_id);
-            }
+            crate::storage::delete_raft_state(wb, region_id)?;
+            let meta = ctx.meta.lock();
             if initialized
                 && meta
                     .overlapping(&region.start_key, &region.end_key, region_id)
                     .is_empty()
             {
                 let (s, e) = util::data_bounds(&region);
-                let e = e.unwrap_or_else(|| vec![0xff; 64]);
                 for cf in DATA_CFS {
-                    let _ = wb.delete_range_cf(cf, &s, &e);
+                    wb.delete_range_cf(cf, &s, &e)?;
                 }
+            }
+            Ok(())
+        })();
+        if let Err(e) = res {
+            tracing::error!(tag = %self.peer.tag, error = %e, "stage destroy");
+        }
+        self.stopped = true;
+        self.destroy_staged = true;
+    }
+
+    /// After the round's write: frees the range, forgets the peer, and lets the store retry
+    /// messages that waited for the range.
+    fn complete_destroy(&mut self, ctx: &StoreContext<E>) {
+        if !std::mem::take(&mut self.destroy_staged) {
+            return;
+        }
+        let region_id = self.region_id();
+        {
+            let mut meta = ctx.meta.lock();
+            if meta.regions.contains_key(&region_id) {
+                meta.remove_region(region_id);
             }
             meta.readers.remove(&region_id);
         }
         if let Some(mb) = ctx.router.mailbox(region_id) {
             ctx.router.unregister(region_id, &mb);
         }
-        self.stopped = true;
-        let _ = ctx.store_tx.send(StoreMsg::PeerDestroyed { region_id });
+        ctx.send_store_msg(StoreMsg::PeerDestroyed { region_id });
         tracing::info!(tag = %self.peer.tag, "destroyed");
     }
 }
@@ -857,6 +874,7 @@ impl<E: KvEngine> PollHandler<PeerFsm<E>> for RaftPoller<E> {
         ctx.metrics.on_poll_round(self.dirty_regions);
         for fsm in batch.iter_mut() {
             if fsm.stopped {
+                fsm.complete_destroy(&ctx);
                 continue;
             }
             let (committed, snap) = fsm.peer.post_ready(&ctx);
@@ -882,5 +900,51 @@ impl<E: KvEngine> PollHandler<PeerFsm<E>> for RaftPoller<E> {
         }
         ctx.trans.flush();
         // Raft log deletions staged while handling apply results go with the next round.
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_support::TestStore;
+    use atoll_engine::{CF_DEFAULT, CF_WRITE};
+
+    /// The range of a destroyed peer stays claimed until its deletion is written: a snapshot
+    /// of an overlapping region accepted in between would be wiped by that write. Its data is
+    /// deleted up to a true bound: keys of long runs of 0xff included.
+    #[test]
+    fn destroy_frees_the_range_only_after_its_deletion_is_written() {
+        let mut s = TestStore::new(1);
+        let mut fsm = s.create_region(10, b"", b"", &[(11, 1), (12, 2), (13, 3)]);
+        let long = atoll_keys::append_ts(atoll_keys::data_key(&[0xff; 100]), 5);
+        let short = atoll_keys::append_ts(atoll_keys::data_key(b"a"), 5);
+        s.put(CF_WRITE, &long, b"w");
+        s.put(CF_DEFAULT, &short, b"v");
+        s.handle(&mut fsm, vec![PeerMsg::Destroy, PeerMsg::ApplyDestroyed]);
+        assert!(s.ctx.meta.lock().regions.contains_key(&10));
+        assert_eq!(s.ctx.meta.lock().overlapping(b"m", b"n", 0), vec![10]);
+        assert!(
+            s.has(CF_DEFAULT, &short),
+            "nothing is written before the round ends"
+        );
+        s.end(&mut fsm);
+        assert!(s.ctx.meta.lock().regions.is_empty());
+        assert!(s.ctx.meta.lock().overlapping(b"", b"", 0).is_empty());
+        assert!(!s.has(CF_DEFAULT, &short));
+        assert!(
+            !s.has(CF_WRITE, &long),
+            "a key of 100 0xff bytes escaped the deletion"
+        );
+        let st = crate::storage::load_region_state(s.engine(), 10)
+            .unwrap()
+            .unwrap();
+        assert_eq!(st.state, PeerState::Tombstone as i32);
+        assert!(crate::storage::load_raft_state(s.engine(), 10)
+            .unwrap()
+            .is_none());
+        assert!(matches!(
+            s.receivers.store_rx.try_recv(),
+            Ok(StoreMsg::PeerDestroyed { region_id: 10 })
+        ));
     }
 }

@@ -12,6 +12,7 @@
 //! | [`worker`] | region worker (snapshots) and split checker threads |
 //! | [`pd_worker`] | everything the store says to PD and what PD says back |
 //! | [`meta`] | `StoreMeta`: region ranges, read delegates, parked messages |
+//! | [`liveness`] | when each other store was last heard from; down/up transitions |
 //! | [`transport`] | what the raftstore needs from the network |
 //! | [`msg`] | messages and callbacks |
 //! | [`config`], [`errors`], [`metrics`], [`failpoints`], [`util`] | the rest |
@@ -31,6 +32,7 @@ pub mod config;
 pub mod errors;
 pub mod failpoints;
 pub mod fsm_peer;
+pub mod liveness;
 pub mod meta;
 pub mod metrics;
 pub mod msg;
@@ -39,6 +41,8 @@ pub mod peer;
 pub mod snap;
 pub mod storage;
 pub mod store;
+#[cfg(test)]
+pub(crate) mod test_support;
 pub mod transport;
 pub mod util;
 pub mod worker;

@@ -32,6 +32,9 @@ metric!(static AWAKE_REGIONS: IntGauge = int_gauge(
     "atoll_raftstore_awake_regions", "Regions that tick (not hibernating)"));
 metric!(static REGIONS: IntGauge = int_gauge(
     "atoll_raftstore_regions", "Peers hosted by this store"));
+metric!(static APPLY_PENDING: IntGauge = int_gauge(
+    "atoll_apply_pending_bytes",
+    "Committed entries handed to the apply side and not applied yet (bytes)"));
 
 #[derive(Default, Debug)]
 pub struct StoreMetrics {
@@ -119,4 +122,8 @@ pub fn set_awake_regions(n: usize) {
 
 pub fn set_regions(n: usize) {
     REGIONS.set(n as i64);
+}
+
+pub fn set_apply_pending(bytes: u64) {
+    APPLY_PENDING.set(bytes as i64);
 }

@@ -146,8 +146,8 @@ pub enum PeerMsg<E: KvEngine> {
 pub enum StoreMsg {
     /// A raft message for a region this store has no peer of (yet).
     RaftMessage(Box<RaftMessage>),
-    /// The transport lost the connection to a store.
-    StoreUnreachable {
+    /// A store turned down (silent or unreachable; see [`crate::liveness`]).
+    StoreDown {
         store_id: u64,
     },
     /// A peer was destroyed; retry messages that were waiting for its range.

@@ -79,7 +79,7 @@ pub async fn run<E: KvEngine>(
             _ = housekeeping.tick() => {
                 ctx.meta.lock().expire_parked(Duration::from_secs(30));
                 ctx.snap_mgr.gc(Duration::from_secs(600));
-                let _ = ctx.store_tx.send(StoreMsg::PeerDestroyed { region_id: 0 });
+                ctx.send_store_msg(StoreMsg::PeerDestroyed { region_id: 0 });
             }
         }
     }

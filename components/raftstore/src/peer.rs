@@ -61,6 +61,12 @@ pub struct Peer<E: KvEngine> {
     pub applied_term: u64,
     /// Highest index handed to the apply side.
     pub last_sent_to_apply: u64,
+    /// Committed entries handed to the apply side and not applied yet: (last index, bytes)
+    /// per hand-over. Bounds what this peer fetches from the log (see [`Self::apply_budget`]).
+    apply_pending: VecDeque<(u64, u64)>,
+    apply_pending_bytes: u64,
+    /// The last ready left committed entries in the log because apply is behind.
+    apply_held: bool,
     pub pending_remove: bool,
     pub applying_snapshot: bool,
     /// Committed entries held while a snapshot is being applied.
@@ -151,6 +157,9 @@ impl<E: KvEngine> Peer<E> {
             applied_index: applied,
             applied_term,
             last_sent_to_apply: applied,
+            apply_pending: VecDeque::new(),
+            apply_pending_bytes: 0,
+            apply_held: false,
             pending_remove: false,
             applying_snapshot: false,
             pending_committed: vec![],
@@ -219,7 +228,78 @@ impl<E: KvEngine> Peer<E> {
     }
 
     pub fn needs_poll(&self) -> bool {
-        !self.applying_snapshot && !self.pending_remove && self.raft_group.has_ready()
+        if self.applying_snapshot || self.pending_remove || !self.raft_group.has_ready() {
+            return false;
+        }
+        // Committed entries held back for a lagging apply wait for its next result (a
+        // message that schedules this peer again), not for another round now.
+        !self.apply_held || self.has_work_besides_committed()
+    }
+
+    fn has_work_besides_committed(&self) -> bool {
+        let raft = &self.raft_group.raft;
+        !raft.msgs.is_empty()
+            || !raft.read_states.is_empty()
+            || !raft.raft_log.unstable_entries().is_empty()
+            || self.raft_group.snap().is_some()
+    }
+
+    // ---------------- apply flow control ----------------
+
+    /// How many bytes of committed entries this peer may fetch for the apply side now: none
+    /// while its own hand-overs pending exceed `apply-max-pending-size`, or the store's total
+    /// exceeds `apply-pending-memory-limit` (a peer with nothing pending may always fetch, so
+    /// every held peer has an apply result coming that schedules it again). Entries left
+    /// behind stay in the raft log (on disk) until then: a follower whose apply lags does not
+    /// queue the log in memory.
+    fn apply_budget(&self, ctx: &StoreContext<E>) -> u64 {
+        let per_region = ctx.cfg.apply_max_pending_size.0;
+        if self.apply_pending_bytes == 0 {
+            return per_region.max(1);
+        }
+        let store_total = ctx
+            .apply_pending_bytes
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if store_total >= ctx.cfg.apply_pending_memory_limit.0 {
+            return 0;
+        }
+        per_region.saturating_sub(self.apply_pending_bytes)
+    }
+
+    fn note_sent_to_apply(&mut self, ctx: &StoreContext<E>, entries: &[Entry]) {
+        let Some(last) = entries.last().map(|e| e.index) else {
+            return;
+        };
+        let bytes: u64 = entries.iter().map(|e| e.compute_size() as u64).sum();
+        self.apply_pending.push_back((last, bytes));
+        self.apply_pending_bytes += bytes;
+        ctx.apply_pending_bytes
+            .fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The apply side reached `applied`.
+    pub fn on_applied(&mut self, ctx: &StoreContext<E>, applied: u64) {
+        let mut freed = 0;
+        while let Some((last, bytes)) = self.apply_pending.front().copied() {
+            if last > applied {
+                break;
+            }
+            self.apply_pending.pop_front();
+            freed += bytes;
+        }
+        self.apply_pending_bytes -= freed;
+        ctx.apply_pending_bytes
+            .fetch_sub(freed, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Nothing handed to the apply side is pending any more (a snapshot replaced it, or the
+    /// peer is being destroyed).
+    pub fn clear_apply_pending(&mut self, ctx: &StoreContext<E>) {
+        self.apply_pending.clear();
+        ctx.apply_pending_bytes.fetch_sub(
+            std::mem::take(&mut self.apply_pending_bytes),
+            std::sync::atomic::Ordering::Relaxed,
+        );
     }
 
     // ---------------- waking and hibernating ----------------
@@ -242,6 +322,16 @@ impl<E: KvEngine> Peer<E> {
                 }
             }
             ctx.set_awake(self.region_id, true);
+        }
+    }
+
+    /// A sleeping follower was asked for a leader's work: a client could not reach the
+    /// leader, or holds an old route. Wake the group, so that if the leader is gone (cut off
+    /// without the connection breaking, say) the followers notice and elect; if it is alive,
+    /// it answers the wake-up and the group soon sleeps again.
+    pub fn wake_if_asked_to_lead(&mut self, ctx: &StoreContext<E>) {
+        if self.hibernating && !self.is_leader() {
+            self.wake_group(ctx);
         }
     }
 
@@ -335,19 +425,48 @@ impl<E: KvEngine> Peer<E> {
         if raft.has_pending_conf() {
             return Err("pending conf change");
         }
+        // Followers that are up to date and heard from recently may sleep with it. A silent
+        // follower on a store that is down does not keep the region awake (it cannot be
+        // helped, and a dead store must not cost every region it hosted a ticking leader):
+        // the region sleeps if the up-to-date followers and this leader form a quorum.
         let fresh = ctx.cfg.tick() * (2 * ctx.cfg.raft_election_timeout_ticks as u32);
         let now = Instant::now();
+        let mut up_to_date = vec![self.meta.id];
         for (id, pr) in raft.prs().iter() {
             if *id == self.meta.id {
                 continue;
             }
-            if pr.matched != last {
-                return Err("follower behind");
+            let heard = self
+                .peer_heartbeats
+                .get(id)
+                .is_some_and(|t| now.duration_since(*t) < fresh);
+            if pr.matched == last && heard {
+                up_to_date.push(*id);
+                continue;
             }
-            match self.peer_heartbeats.get(id) {
-                Some(t) if now.duration_since(*t) < fresh => {}
-                _ => return Err("follower silent"),
+            let store_down = self
+                .peer_cache
+                .get(id)
+                .is_some_and(|p| ctx.liveness.is_down(p.store_id));
+            if !store_down {
+                return Err(if pr.matched != last {
+                    "follower behind"
+                } else {
+                    "follower silent"
+                });
             }
+        }
+        // Joint consensus is not used: the voters are the region's non-learner peers.
+        let voters: Vec<u64> = self
+            .region()
+            .peers
+            .iter()
+            .filter(|p| !util::is_learner(p))
+            .map(|p| p.id)
+            .collect();
+        let live = voters.iter().filter(|v| up_to_date.contains(v)).count();
+        if live <= voters.len() / 2 {
+            return Err("no up-to-date quorum");
         }
         Ok(())
     }
@@ -635,6 +754,7 @@ impl<E: KvEngine> Peer<E> {
             return Err((e, Some(cb)));
         }
         if !self.is_leader() {
+            self.wake_if_asked_to_lead(ctx);
             return Err((self.not_leader(), Some(cb)));
         }
         self.wake(ctx);
@@ -840,6 +960,7 @@ impl<E: KvEngine> Peer<E> {
             return cb(Err(e));
         }
         if !self.is_leader() {
+            self.wake_if_asked_to_lead(ctx);
             return cb(Err(self.not_leader()));
         }
         if let Err(e) = check_epoch(self.region(), header.region_epoch.as_ref(), true, false) {
@@ -1069,7 +1190,15 @@ impl<E: KvEngine> Peer<E> {
         if self.raft_group.snap().is_some() && self.last_sent_to_apply > self.applied_index {
             return Ok((false, false));
         }
+        let budget = self.apply_budget(ctx);
+        self.apply_held = budget == 0;
+        self.raft_group
+            .raft
+            .set_max_committed_size_per_ready(budget.max(1));
+        // Held: this ready fetches no committed entry (see `PeerStorage::entries`).
+        self.raft_group.mut_store().hold_committed = self.apply_held;
         let mut ready = self.raft_group.ready();
+        self.raft_group.mut_store().hold_committed = false;
         let must_sync = ready.must_sync() || !ready.snapshot().is_empty();
         // A leader may send appends before persisting its own copy (raft thesis §10.2.1).
         let msgs = ready.take_messages();
@@ -1115,7 +1244,11 @@ impl<E: KvEngine> Peer<E> {
         let persisted = ready.take_persisted_messages();
         self.send_raft_messages(ctx, persisted);
         let mut committed = ready.take_committed_entries();
+        // Held: the light ready fetches no committed entry either (appends a leader sends
+        // from here are not held back: see `PeerStorage::entries`).
+        self.raft_group.mut_store().hold_committed = self.apply_held;
         let mut light = self.raft_group.advance_append(ready);
+        self.raft_group.mut_store().hold_committed = false;
         let msgs = light.take_messages();
         self.send_raft_messages(ctx, msgs);
         committed.extend(light.take_committed_entries());
@@ -1161,6 +1294,7 @@ impl<E: KvEngine> Peer<E> {
         let Some(last) = entries.last().map(|e| e.index) else {
             return vec![];
         };
+        self.note_sent_to_apply(ctx, entries);
         self.last_sent_to_apply = self.last_sent_to_apply.max(last);
         let mut cbs = vec![];
         let mut confirmed_at = None;
@@ -1231,8 +1365,19 @@ impl<E: KvEngine> Peer<E> {
             if p.id == self.meta.id {
                 continue;
             }
-            if let Some(t) = self.peer_heartbeats.get(&p.id) {
-                let d = now.duration_since(*t);
+            // A peer is down when its whole store is (store-level liveness), or, while the
+            // region is awake, when the peer itself has been silent. Asleep nobody speaks,
+            // so silence alone says nothing.
+            let store_silent = ctx.liveness.down_for(p.store_id, now);
+            let peer_silent = if self.hibernating {
+                None
+            } else {
+                self.peer_heartbeats
+                    .get(&p.id)
+                    .map(|t| now.duration_since(*t))
+            };
+            let silent = store_silent.max(peer_silent);
+            if let Some(d) = silent {
                 if d >= down_after {
                     down_peers.push(atoll_proto::pdpb::PeerStats {
                         peer: Some(*p),

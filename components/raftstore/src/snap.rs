@@ -191,7 +191,7 @@ impl SnapManager {
         for (cf_idx, cf) in DATA_CFS.iter().enumerate() {
             let mut it = snap.iterator_cf(
                 cf,
-                IterOptions::new(Some(start.clone()), end.clone()).no_cache(),
+                IterOptions::new(Some(start.clone()), Some(end.clone())).no_cache(),
             )?;
             let mut ok = atoll_engine::EngineIterator::seek(&mut it, &start)?;
             while ok {
@@ -234,9 +234,8 @@ impl SnapManager {
         verify_file(path)?;
         let (start, end) = crate::util::data_bounds(region);
         let mut wb = engine.write_batch();
-        let end_bound = end.clone().unwrap_or_else(|| vec![0xff; 64]);
         for cf in DATA_CFS {
-            wb.delete_range_cf(cf, &start, &end_bound)?;
+            wb.delete_range_cf(cf, &start, &end)?;
         }
         engine.write(wb, false)?;
         let mut wb = engine.write_batch();
@@ -246,7 +245,7 @@ impl SnapManager {
                 let cf = DATA_CFS
                     .get(kv.cf as usize)
                     .ok_or_else(|| Error::Other(format!("snapshot names unknown cf {}", kv.cf)))?;
-                if kv.key < start || end.as_ref().is_some_and(|e| kv.key >= *e) {
+                if kv.key < start || kv.key >= end {
                     return Err(Error::Other("snapshot key outside its region".into()));
                 }
                 wb.put_cf(cf, &kv.key, &kv.value)?;
@@ -406,5 +405,53 @@ mod tests {
         bytes[100] ^= 1;
         std::fs::write(mgr.recv_path(&key), bytes).unwrap();
         assert!(verify_file(&mgr.recv_path(&key)).is_err());
+    }
+
+    /// A region that ends at +infinity owns every key from its start, including keys made of
+    /// long runs of 0xff (stored as long runs of 0xff): applying a snapshot clears them all.
+    #[test]
+    fn apply_clears_keys_of_any_length_in_an_unbounded_region() {
+        let dir = tempfile::tempdir().unwrap();
+        let mgr = SnapManager::new(dir.path()).unwrap();
+        let region = metapb::Region {
+            id: 8,
+            start_key: b"m".to_vec(),
+            end_key: vec![],
+            ..Default::default()
+        };
+        let key = SnapKey {
+            region_id: 8,
+            term: 6,
+            index: 10,
+        };
+        let src = MemoryEngine::new();
+        let mut wb = src.write_batch();
+        wb.put_cf(CF_DEFAULT, &atoll_keys::data_key(b"n"), b"new")
+            .unwrap();
+        src.write(wb, true).unwrap();
+        mgr.build(&src.snapshot(), &region, &key).unwrap();
+        let dst = MemoryEngine::new();
+        let mut wb = dst.write_batch();
+        let stale: Vec<Vec<u8>> = [1usize, 57, 64, 200]
+            .iter()
+            .map(|n| atoll_keys::append_ts(atoll_keys::data_key(&vec![0xff; *n]), 3))
+            .collect();
+        for k in &stale {
+            wb.put_cf(CF_WRITE, k, b"old").unwrap();
+        }
+        dst.write(wb, true).unwrap();
+        mgr.apply(&dst, &region, &mgr.gen_path(&key), 1 << 20)
+            .unwrap();
+        for k in &stale {
+            assert!(
+                dst.get_value_cf(CF_WRITE, k).unwrap().is_none(),
+                "stale key of {} bytes survived",
+                k.len()
+            );
+        }
+        assert!(dst
+            .get_value_cf(CF_DEFAULT, &atoll_keys::data_key(b"n"))
+            .unwrap()
+            .is_some());
     }
 }

@@ -66,6 +66,15 @@ pub fn write_initial_states(
     write_region_state(wb, region, PeerState::Normal)
 }
 
+/// Stages the deletion of a region's raft state, apply state and whole raft log (a peer that
+/// is gone: destroyed, or left half-destroyed by a crash).
+pub fn delete_raft_state(wb: &mut impl WriteBatch, region_id: u64) -> atoll_engine::Result<()> {
+    wb.delete_cf(CF_RAFT, &atoll_keys::raft_state_key(region_id))?;
+    wb.delete_cf(CF_RAFT, &atoll_keys::apply_state_key(region_id))?;
+    let (s, e) = atoll_keys::raft_log_range(region_id);
+    wb.delete_range_cf(CF_RAFT, &s, &e)
+}
+
 pub fn write_region_state(
     wb: &mut impl WriteBatch,
     region: &metapb::Region,
@@ -192,6 +201,9 @@ pub struct PeerStorage<E: KvEngine> {
     /// The last snapshot generated, reusable while still ahead of the truncated index.
     last_snapshot: RefCell<Option<Snapshot>>,
     pub tag: String,
+    /// Set by the peer around `RawNode::ready()` and `advance_append()` when apply is behind:
+    /// the committed entries they would fetch for the apply side stay in the log.
+    pub hold_committed: bool,
 }
 
 impl<E: KvEngine> PeerStorage<E> {
@@ -215,6 +227,7 @@ impl<E: KvEngine> PeerStorage<E> {
             gen_request: RefCell::new(None),
             last_snapshot: RefCell::new(None),
             tag,
+            hold_committed: false,
         })
     }
 
@@ -327,15 +340,18 @@ impl<E: KvEngine> PeerStorage<E> {
         self.raft_state.last_index = last.index;
         self.raft_state.last_term = last.term;
         self.cache.append(entries);
-        self.evict_cache();
+        // What earlier rounds appended is on disk: past the limit it may go, applied or not
+        // (a follower whose apply stalls must not keep its whole log in memory).
+        self.evict_cache(first.index);
         Ok(())
     }
 
-    fn evict_cache(&mut self) {
-        let applied = self.apply_state.applied_index;
+    /// Drops the oldest cached entries below `persisted_below` while the cache is over its
+    /// limit. Only persisted entries may go: an evicted entry is read back from the engine.
+    fn evict_cache(&mut self, persisted_below: u64) {
         while self.cache.bytes > self.cache_limit {
             match self.cache.first_index() {
-                Some(i) if i <= applied => self.cache.compact_to(i + 1),
+                Some(i) if i < persisted_below => self.cache.compact_to(i + 1),
                 _ => break,
             }
         }
@@ -416,7 +432,8 @@ impl<E: KvEngine> PeerStorage<E> {
     pub fn set_applied(&mut self, index: u64, term: u64) {
         self.apply_state.applied_index = index;
         self.apply_state.applied_term = term;
-        self.evict_cache();
+        // Applied entries are persisted.
+        self.evict_cache(index + 1);
     }
 
     pub fn clear_cache(&mut self) {
@@ -449,8 +466,14 @@ impl<E: KvEngine> raft::Storage for PeerStorage<E> {
         low: u64,
         high: u64,
         max_size: impl Into<Option<u64>>,
-        _ctx: GetEntriesContext,
+        ctx: GetEntriesContext,
     ) -> raft::Result<Vec<Entry>> {
+        if self.hold_committed && !ctx.can_async() {
+            // A fetch of committed entries for the apply side (appends to followers are the
+            // fetches that may be asynchronous): raft-rs takes a short answer as a size
+            // limit, so nothing is fetched this time.
+            return Ok(vec![]);
+        }
         let max_size = max_size.into().unwrap_or(u64::MAX);
         if low <= self.truncated_index() {
             return Err(raft::Error::Store(StorageError::Compacted));
@@ -566,5 +589,102 @@ impl<E: KvEngine> raft::Storage for PeerStorage<E> {
         Err(raft::Error::Store(
             StorageError::SnapshotTemporarilyUnavailable,
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use atoll_engine::memory::MemoryEngine;
+    use raft::Storage as _;
+
+    fn entry(index: u64, bytes: usize) -> Entry {
+        Entry {
+            index,
+            term: RAFT_INIT_LOG_TERM,
+            data: vec![7u8; bytes].into(),
+            ..Default::default()
+        }
+    }
+
+    fn storage(engine: &MemoryEngine, cache_limit: usize) -> PeerStorage<MemoryEngine> {
+        let region = metapb::Region {
+            id: 1,
+            peers: vec![metapb::Peer {
+                id: 2,
+                store_id: 1,
+                role: 0,
+            }],
+            ..Default::default()
+        };
+        let mut wb = engine.write_batch();
+        write_initial_states(&mut wb, &region).unwrap();
+        engine.write(wb, true).unwrap();
+        PeerStorage::new(engine.clone(), region, "[test]".into(), cache_limit).unwrap()
+    }
+
+    /// A follower whose apply stalls keeps appending: the entry cache stays near its limit
+    /// (what is on disk is evicted, applied or not) and every entry is still readable.
+    #[test]
+    fn entry_cache_stays_bounded_when_apply_stalls() {
+        let engine = MemoryEngine::new();
+        let mut s = storage(&engine, 64 << 10);
+        let mut next = RAFT_INIT_LOG_INDEX + 1;
+        for _round in 0..100 {
+            let batch: Vec<Entry> = (0..4).map(|i| entry(next + i, 4 << 10)).collect();
+            next += 4;
+            let mut wb = engine.write_batch();
+            s.append(&batch, &mut wb).unwrap();
+            engine.write(wb, true).unwrap();
+            assert!(
+                s.cache.bytes <= (64 << 10) + 4 * (5 << 10),
+                "cache holds {} bytes with nothing applied",
+                s.cache.bytes
+            );
+        }
+        assert_eq!(s.apply_state.applied_index, RAFT_INIT_LOG_INDEX);
+        let all = s
+            .entries(
+                RAFT_INIT_LOG_INDEX + 1,
+                next,
+                None,
+                GetEntriesContext::empty(false),
+            )
+            .unwrap();
+        assert_eq!(all.len() as u64, next - RAFT_INIT_LOG_INDEX - 1);
+        assert!(all.windows(2).all(|w| w[1].index == w[0].index + 1));
+    }
+
+    /// While the peer holds committed entries back (apply is behind), fetches for the apply
+    /// side get nothing; fetches that may be asynchronous (appends to followers) still work.
+    #[test]
+    fn held_fetches_return_nothing_but_appends_still_read() {
+        let engine = MemoryEngine::new();
+        let mut s = storage(&engine, 1 << 20);
+        let batch: Vec<Entry> = (1..=3)
+            .map(|i| entry(RAFT_INIT_LOG_INDEX + i, 10))
+            .collect();
+        let mut wb = engine.write_batch();
+        s.append(&batch, &mut wb).unwrap();
+        engine.write(wb, true).unwrap();
+        let (lo, hi) = (RAFT_INIT_LOG_INDEX + 1, RAFT_INIT_LOG_INDEX + 4);
+        s.hold_committed = true;
+        assert!(s
+            .entries(lo, hi, None, GetEntriesContext::empty(false))
+            .unwrap()
+            .is_empty());
+        assert_eq!(
+            s.entries(lo, hi, None, GetEntriesContext::empty(true))
+                .unwrap()
+                .len(),
+            3
+        );
+        s.hold_committed = false;
+        assert_eq!(
+            s.entries(lo, hi, None, GetEntriesContext::empty(false))
+                .unwrap()
+                .len(),
+            3
+        );
     }
 }

@@ -5,6 +5,7 @@
 use crate::apply::{ApplyFsm, ApplyPoller};
 use crate::batch::{BatchSystem, Router, SendError};
 use crate::fsm_peer::{PeerFsm, RaftPoller};
+use crate::liveness::{StoreLiveness, Transition};
 use crate::meta::StoreMeta;
 use crate::metrics::StoreMetrics;
 use crate::msg::{
@@ -25,11 +26,14 @@ use crossbeam_channel::{Receiver, Sender};
 use parking_lot::Mutex;
 use protobuf::Message as PbMessage;
 use raft::eraftpb::MessageType;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Instant;
+
+/// Messages queued for the store thread before more are dropped.
+pub const STORE_QUEUE_CAPACITY: usize = 4096;
 
 /// Everything a store's threads share.
 pub struct StoreContext<E: KvEngine> {
@@ -51,9 +55,76 @@ pub struct StoreContext<E: KvEngine> {
     read_id: AtomicU64,
     /// When this store started (a restarted store holds its votes for a while after it).
     pub started_at: Instant,
+    /// When each other store was last heard from (see [`crate::liveness`]).
+    pub liveness: StoreLiveness,
+    /// Bytes of committed entries handed to the apply side and not applied yet, store-wide
+    /// (bounded by `apply-pending-memory-limit`; see `Peer::apply_budget`).
+    pub apply_pending_bytes: AtomicU64,
 }
 
+/// The receiving ends of a store context's queues (the store's threads own them).
+pub struct StoreReceivers<E: KvEngine> {
+    pub store_rx: Receiver<StoreMsg>,
+    pub region_rx: Receiver<RegionTask<E>>,
+    pub split_rx: Receiver<SplitCheckMsg<E>>,
+    pub pd_rx: tokio::sync::mpsc::Receiver<PdTask>,
+}
+
+/// The two batch systems of a store (raft and apply), not started.
+pub type BatchSystems<E> = (BatchSystem<PeerFsm<E>>, BatchSystem<ApplyFsm<E>>);
+
 impl<E: KvEngine> StoreContext<E> {
+    /// The context, its batch systems (no poller started) and the receivers of its queues:
+    /// everything a store shares, with no thread running (the store starts them; unit tests
+    /// drive pollers by hand).
+    pub fn build(
+        store_id: u64,
+        cfg: Config,
+        engine: E,
+        trans: Arc<dyn Transport>,
+        snap_mgr: SnapManager,
+    ) -> (Arc<Self>, BatchSystems<E>, StoreReceivers<E>) {
+        let cfg = Arc::new(cfg);
+        let raft_system = BatchSystem::<PeerFsm<E>>::new(cfg.mailbox_capacity, cfg.max_batch_size);
+        // Everything sent to an apply mailbox is force-sent by the raft side; what is queued
+        // there is bounded by apply flow control (`apply-max-pending-size` per region,
+        // `apply-pending-memory-limit` per store), not by a count of messages.
+        let apply_system = BatchSystem::<ApplyFsm<E>>::new(usize::MAX / 2, cfg.max_batch_size);
+        let (store_tx, store_rx) = crossbeam_channel::bounded(STORE_QUEUE_CAPACITY);
+        let (region_tx, region_rx) = crossbeam_channel::bounded(4096);
+        let (split_tx, split_rx) = crossbeam_channel::bounded(1024);
+        let (pd_tx, pd_rx) = tokio::sync::mpsc::channel(8192);
+        let logger = atoll_util::logging::raft_logger(slog::o!("store_id" => store_id));
+        let ctx = Arc::new(StoreContext {
+            store_id,
+            cfg: cfg.clone(),
+            engine,
+            router: raft_system.router(),
+            apply_router: apply_system.router(),
+            store_tx,
+            meta: Arc::new(Mutex::new(StoreMeta::new(store_id))),
+            trans,
+            pd_tx,
+            region_tx,
+            split_tx,
+            snap_mgr,
+            metrics: StoreMetrics::default(),
+            logger,
+            awake: Mutex::new(HashSet::new()),
+            read_id: AtomicU64::new(0),
+            started_at: Instant::now(),
+            liveness: StoreLiveness::new(cfg.store_liveness_timeout.0),
+            apply_pending_bytes: AtomicU64::new(0),
+        });
+        let receivers = StoreReceivers {
+            store_rx,
+            region_rx,
+            split_rx,
+            pd_rx,
+        };
+        (ctx, (raft_system, apply_system), receivers)
+    }
+
     pub fn set_awake(&self, region_id: u64, awake: bool) {
         let mut s = self.awake.lock();
         if awake {
@@ -69,6 +140,25 @@ impl<E: KvEngine> StoreContext<E> {
 
     pub fn next_read_id(&self) -> u64 {
         self.read_id.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// Tells the store thread something; dropped (and counted) if its queue is full: every
+    /// store message is either retried by its sender (raft messages) or idempotent.
+    pub fn send_store_msg(&self, msg: StoreMsg) {
+        if self.store_tx.try_send(msg).is_err() {
+            self.metrics.on_dropped("store_queue_full");
+        }
+    }
+
+    /// Acts on a store turning down or up (see [`crate::liveness`]).
+    pub fn on_liveness(&self, t: Transition) {
+        match t {
+            Transition::Down(store_id) => {
+                tracing::info!(store_id, "store is down (silent or unreachable)");
+                self.send_store_msg(StoreMsg::StoreDown { store_id });
+            }
+            Transition::Up(store_id) => tracing::info!(store_id, "store is up again"),
+        }
     }
 
     pub fn schedule_pd(&self, task: PdTask) {
@@ -143,34 +233,21 @@ impl<E: KvEngine> RaftStore<E> {
         deps.cfg
             .validate()
             .map_err(|e| Error::Other(e.to_string()))?;
-        let cfg = Arc::new(deps.cfg);
-        let raft_system = BatchSystem::<PeerFsm<E>>::new(cfg.mailbox_capacity, cfg.max_batch_size);
-        let apply_system = BatchSystem::<ApplyFsm<E>>::new(usize::MAX / 2, cfg.max_batch_size);
-        let (store_tx, store_rx) = crossbeam_channel::unbounded();
-        let (region_tx, region_rx) = crossbeam_channel::bounded(4096);
-        let (split_tx, split_rx) = crossbeam_channel::bounded(1024);
-        let (pd_tx, pd_rx) = tokio::sync::mpsc::channel(8192);
-        let store_id = deps.store_id;
-        let logger = atoll_util::logging::raft_logger(slog::o!("store_id" => store_id));
-        let ctx = Arc::new(StoreContext {
-            store_id,
-            cfg: cfg.clone(),
-            engine: deps.engine,
-            router: raft_system.router(),
-            apply_router: apply_system.router(),
-            store_tx,
-            meta: Arc::new(Mutex::new(StoreMeta::new(store_id))),
-            trans: deps.trans,
-            pd_tx,
-            region_tx,
-            split_tx,
-            snap_mgr: deps.snap_mgr,
-            metrics: StoreMetrics::default(),
-            logger,
-            awake: Mutex::new(HashSet::new()),
-            read_id: AtomicU64::new(0),
-            started_at: Instant::now(),
-        });
+        let (ctx, systems, receivers) = StoreContext::build(
+            deps.store_id,
+            deps.cfg,
+            deps.engine,
+            deps.trans,
+            deps.snap_mgr,
+        );
+        let cfg = ctx.cfg.clone();
+        let (raft_system, apply_system) = systems;
+        let StoreReceivers {
+            store_rx,
+            region_rx,
+            split_rx,
+            pd_rx,
+        } = receivers;
         let store = RaftStore {
             ctx: ctx.clone(),
             raft_system,
@@ -180,6 +257,7 @@ impl<E: KvEngine> RaftStore<E> {
             pd_worker: Mutex::new(None),
         };
         let loaded = store.load_regions()?;
+        let store_id = ctx.store_id;
         tracing::info!(store_id, regions = loaded, "store loaded its regions");
         let c = ctx.clone();
         store
@@ -287,10 +365,7 @@ impl<E: KvEngine> RaftStore<E> {
             return Ok(());
         }
         let mut wb = self.ctx.engine.write_batch();
-        wb.delete_cf(CF_RAFT, &atoll_keys::raft_state_key(region.id))?;
-        wb.delete_cf(CF_RAFT, &atoll_keys::apply_state_key(region.id))?;
-        let (s, e) = atoll_keys::raft_log_range(region.id);
-        wb.delete_range_cf(CF_RAFT, &s, &e)?;
+        storage::delete_raft_state(&mut wb, region.id)?;
         self.ctx.engine.write(wb, true)?;
         Ok(())
     }
@@ -353,44 +428,52 @@ fn run_ticker<E: KvEngine>(ctx: Arc<StoreContext<E>>, stop: Arc<AtomicBool>) {
         if next < Instant::now() {
             next = Instant::now() + tick;
         }
+        let mut changes = vec![];
+        ctx.liveness.check(Instant::now(), &mut changes);
+        for t in changes {
+            ctx.on_liveness(t);
+        }
         ids.clear();
         ids.extend(ctx.awake.lock().iter().copied());
         for id in &ids {
             let _ = ctx.router.force_send(*id, PeerMsg::Tick);
         }
         crate::metrics::set_awake_regions(ids.len());
+        crate::metrics::set_apply_pending(ctx.apply_pending_bytes.load(Ordering::Relaxed));
         crate::metrics::set_regions(ctx.router.len());
     }
 }
 
 fn run_store_thread<E: KvEngine>(ctx: Arc<StoreContext<E>>, rx: Receiver<StoreMsg>) {
-    let mut last_unreachable: HashMap<u64, Instant> = HashMap::new();
     while let Ok(msg) = rx.recv() {
         match msg {
             StoreMsg::RaftMessage(m) => maybe_create_peer(&ctx, *m),
-            StoreMsg::StoreUnreachable { store_id } => {
-                let due = last_unreachable
-                    .get(&store_id)
-                    .is_none_or(|t| t.elapsed() >= Duration::from_secs(3));
-                if !due {
-                    continue;
-                }
-                last_unreachable.insert(store_id, Instant::now());
-                let ids: Vec<u64> = ctx
-                    .meta
-                    .lock()
-                    .regions
-                    .values()
-                    .filter(|r| util::find_peer(r, store_id).is_some())
-                    .map(|r| r.id)
-                    .collect();
-                for id in ids {
-                    let _ = ctx.router.force_send(id, PeerMsg::Wake);
-                }
-            }
+            StoreMsg::StoreDown { store_id } => wake_followers_of(&ctx, store_id),
             StoreMsg::PeerDestroyed { .. } => retry_parked(&ctx),
             StoreMsg::Stop => break,
         }
+    }
+}
+
+/// A store went down: the followers here whose leader was there must elect a new one. Awake
+/// ones will on their own; sleeping ones are woken, with their groups (once per transition:
+/// a store that stays down costs nothing more).
+fn wake_followers_of<E: KvEngine>(ctx: &Arc<StoreContext<E>>, store_id: u64) {
+    let ids: Vec<u64> = ctx
+        .meta
+        .lock()
+        .readers
+        .iter()
+        .filter(|(_, d)| d.term == 0 && d.leader.is_some_and(|l| l.store_id == store_id))
+        .map(|(id, _)| *id)
+        .collect();
+    tracing::info!(
+        store_id,
+        regions = ids.len(),
+        "waking followers of a down store's leaders"
+    );
+    for id in ids {
+        let _ = ctx.router.force_send(id, PeerMsg::Wake);
     }
 }
 
@@ -558,7 +641,7 @@ impl<E: KvEngine> RaftRouter<E> {
             Ok(()) => {}
             Err(SendError::Full(_)) => self.ctx.metrics.on_dropped("mailbox_full"),
             Err(SendError::Closed(PeerMsg::RaftMessage(m))) => {
-                let _ = self.ctx.store_tx.send(StoreMsg::RaftMessage(m));
+                self.ctx.send_store_msg(StoreMsg::RaftMessage(m));
             }
             Err(SendError::Closed(_)) => {}
         }
@@ -710,6 +793,8 @@ impl<E: KvEngine> RaftRouter<E> {
             });
         };
         if d.term == 0 {
+            // A sleeping follower asked for a leader's work wakes its group (cheap when awake).
+            let _ = self.ctx.router.try_send(region_id, PeerMsg::Wake);
             return Err(Error::NotLeader {
                 region_id,
                 leader: d.leader,
@@ -832,11 +917,18 @@ impl<E: KvEngine> RaftRouter<E> {
     }
 
     /// The transport lost `store_id`: wake regions with peers there.
+    /// The transport could not reach `store_id`.
     pub fn report_unreachable(&self, store_id: u64) {
-        let _ = self
-            .ctx
-            .store_tx
-            .send(StoreMsg::StoreUnreachable { store_id });
+        if let Some(t) = self.ctx.liveness.unreachable(store_id, Instant::now()) {
+            self.ctx.on_liveness(t);
+        }
+    }
+
+    /// A batch (or keep-alive) arrived from `store_id`.
+    pub fn on_store_heard(&self, store_id: u64) {
+        if let Some(t) = self.ctx.liveness.heard(store_id, Instant::now()) {
+            self.ctx.on_liveness(t);
+        }
     }
 
     pub fn report_peer_unreachable(&self, region_id: u64, to_peer_id: u64) {
@@ -887,7 +979,35 @@ pub fn write_store_ident(engine: &impl KvEngine, ident: &StoreIdent) -> Result<(
         &atoll_keys::store_ident_key(),
         &util::encode_msg(ident),
     )?;
+    wb.put_cf(
+        CF_RAFT,
+        &atoll_keys::data_format_key(),
+        &atoll_keys::DATA_FORMAT_VERSION.to_be_bytes(),
+    )?;
     engine.write(wb, true)?;
+    Ok(())
+}
+
+/// Refuses a data directory written in another on-disk format than this build's
+/// ([`atoll_keys::DATA_FORMAT_VERSION`]), with an error that says what to do.
+pub fn check_data_format(engine: &impl KvEngine) -> Result<()> {
+    if load_store_ident(engine)?.is_none() {
+        return Ok(());
+    }
+    let found = match engine.get_value_cf(CF_RAFT, &atoll_keys::data_format_key())? {
+        Some(v) => match <[u8; 4]>::try_from(v.as_slice()) {
+            Ok(b) => u32::from_be_bytes(b),
+            Err(_) => return Err(Error::Other("undecodable data format marker".into())),
+        },
+        None => 0,
+    };
+    if found != atoll_keys::DATA_FORMAT_VERSION {
+        return Err(Error::Other(format!(
+            "this data directory is in data format {found}, this build reads format {}: \
+             start it with an empty --data-dir (data formats are not converted in place)",
+            atoll_keys::DATA_FORMAT_VERSION
+        )));
+    }
     Ok(())
 }
 
@@ -902,8 +1022,7 @@ pub fn prepare_bootstrap_region(engine: &impl KvEngine, region: &metapb::Region)
 /// Undoes [`prepare_bootstrap_region`] (another store bootstrapped the cluster first).
 pub fn clear_prepared_bootstrap(engine: &impl KvEngine, region_id: u64) -> Result<()> {
     let mut wb = engine.write_batch();
-    wb.delete_cf(CF_RAFT, &atoll_keys::raft_state_key(region_id))?;
-    wb.delete_cf(CF_RAFT, &atoll_keys::apply_state_key(region_id))?;
+    storage::delete_raft_state(&mut wb, region_id)?;
     wb.delete_cf(CF_RAFT, &atoll_keys::region_state_key(region_id))?;
     engine.write(wb, true)?;
     Ok(())

@@ -84,16 +84,17 @@ pub fn check_key_in_region(key: &[u8], region: &metapb::Region) -> Result<()> {
 
 /// The user key of a stored data key (memcomparable prefix, timestamp ignored).
 pub fn user_key_of(data_key: &[u8]) -> Result<Vec<u8>> {
-    atoll_keys::decode_bytes(data_key)
+    atoll_keys::decode_data_key(data_key)
         .map(|(k, _)| k)
         .map_err(|e| Error::InvalidRequest(format!("bad data key: {e}")))
 }
 
-/// `[start, end)` of a region in the data column families' stored form.
-pub fn data_bounds(region: &metapb::Region) -> (Vec<u8>, Option<Vec<u8>>) {
+/// `[start, end)` of a region in the data column families' stored form (a region that ends at
+/// +infinity ends at `atoll_keys::DATA_MAX_KEY`, above every stored data key).
+pub fn data_bounds(region: &metapb::Region) -> (Vec<u8>, Vec<u8>) {
     (
         atoll_keys::data_start_key(&region.start_key),
-        atoll_keys::data_end_key(&region.end_key),
+        atoll_keys::data_end_bound(&region.end_key),
     )
 }
 

@@ -260,7 +260,7 @@ pub fn check_split<S: Iterable>(
     for cf in DATA_CFS {
         let mut it = task.snap.iterator_cf(
             cf,
-            IterOptions::new(Some(start.clone()), end.clone()).no_cache(),
+            IterOptions::new(Some(start.clone()), Some(end.clone())).no_cache(),
         )?;
         let mut ok = it.seek(&start)?;
         let (mut size, mut keys) = (0u64, 0u64);

@@ -168,10 +168,17 @@ impl<E: KvEngine> SimNetwork<E> {
         let weak = Arc::downgrade(&net);
         std::thread::Builder::new()
             .name("sim-net-delay".into())
-            .spawn(move || loop {
-                std::thread::sleep(Duration::from_millis(2));
-                let Some(net) = weak.upgrade() else { return };
-                net.deliver_due();
+            .spawn(move || {
+                let mut last_keepalive = std::time::Instant::now();
+                loop {
+                    std::thread::sleep(Duration::from_millis(2));
+                    let Some(net) = weak.upgrade() else { return };
+                    net.deliver_due();
+                    if last_keepalive.elapsed() >= Duration::from_secs(1) {
+                        last_keepalive = std::time::Instant::now();
+                        net.keepalive();
+                    }
+                }
             })
             .expect("spawn");
         net
@@ -219,10 +226,43 @@ impl<E: KvEngine> SimNetwork<E> {
         self.routers.read().get(&store_id).cloned()
     }
 
+    /// What the real transport's keep-alives do: every store hears from every other one it
+    /// can reach (through the filters, like any message) once a second.
+    fn keepalive(&self) {
+        let routers: Vec<(u64, RaftRouter<E>)> = self
+            .routers
+            .read()
+            .iter()
+            .map(|(id, r)| (*id, r.clone()))
+            .collect();
+        for (from, _) in &routers {
+            for (to, r) in &routers {
+                if from == to {
+                    continue;
+                }
+                let probe = RaftMessage {
+                    from_peer: Some(atoll_proto::metapb::Peer {
+                        store_id: *from,
+                        ..Default::default()
+                    }),
+                    to_peer: Some(atoll_proto::metapb::Peer {
+                        store_id: *to,
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                };
+                if self.verdict(&probe) == Verdict::Pass {
+                    r.on_store_heard(*from);
+                }
+            }
+        }
+    }
+
     fn deliver(&self, m: RaftMessage) {
         match self.router(to_store(&m)) {
             Some(r) => {
                 self.delivered.fetch_add(1, Ordering::Relaxed);
+                r.on_store_heard(from_store(&m));
                 r.send_raft_message(m);
             }
             None => {

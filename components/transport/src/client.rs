@@ -247,6 +247,12 @@ async fn run_conn(inner: Arc<Inner>, to: u64, conn: Arc<Conn>) {
                 return;
             }
             let msgs = std::mem::take(&mut *conn.queue.lock());
+            if let Some(v) = failpoint_value(FP_SEND_DROP) {
+                // A partition drops keep-alives too.
+                if failpoint_names_store(v.as_deref(), to) {
+                    continue;
+                }
+            }
             if let Some(Some(ms)) = failpoint_value(FP_SEND_DELAY) {
                 if let Ok(ms) = ms.trim().parse::<u64>() {
                     tokio::time::sleep(Duration::from_millis(ms)).await;

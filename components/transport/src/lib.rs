@@ -5,14 +5,16 @@
 //!   one flush per round; a background task per connection turns each flush into one
 //!   `BatchRaftMessage`. Sending never blocks a poller: a full queue drops the message (raft
 //!   retransmits) and counts it.
-//! - Idle connections carry a keep-alive batch every second, so a dead store is noticed and
-//!   reported (regions with peers there wake up and elect).
+//! - Idle connections carry a keep-alive batch every second. The receiver counts every batch
+//!   as a sign of life of its sender (store-level liveness, `atoll_raftstore::liveness`), so
+//!   a store that goes silent — dead, or cut off without its connection breaking — is noticed
+//!   even while every region it shares sleeps; a connection that fails is reported too.
 //! - Snapshots travel on their own client stream, in chunks read from the generated file.
 //! - [`RaftService`] is the receiving side of both.
 //!
 //! Failpoints (set with `return(STORE_IDS)`, e.g. `transport::send_drop=return(2,3)`):
-//! [`FP_SEND_DROP`], [`FP_RECV_DROP`] drop messages to/from the listed stores (all stores if
-//! empty); [`FP_SEND_DELAY`] (`return(MS)`) delays each flush by `MS` milliseconds.
+//! [`FP_SEND_DROP`], [`FP_RECV_DROP`] drop messages (keep-alives included) to/from the listed
+//! stores (all stores if empty), as a network partition would; [`FP_SEND_DELAY`] (`return(MS)`) delays each flush by `MS` milliseconds.
 
 mod client;
 mod resolve;
@@ -34,6 +36,8 @@ pub const FP_SEND_DELAY: &str = "transport::send_delay";
 pub trait RaftSink: Send + Sync + 'static {
     fn store_id(&self) -> u64;
     fn send_raft_message(&self, msg: RaftMessage);
+    /// A batch (or keep-alive) arrived from `store_id`: it is alive.
+    fn on_store_heard(&self, store_id: u64);
     fn report_unreachable(&self, store_id: u64);
     fn report_snapshot_status(&self, region_id: u64, to_peer_id: u64, ok: bool);
     fn snap_mgr(&self) -> &SnapManager;
@@ -46,6 +50,9 @@ impl<E: atoll_engine::KvEngine> RaftSink for atoll_raftstore::RaftRouter<E> {
     }
     fn send_raft_message(&self, msg: RaftMessage) {
         atoll_raftstore::RaftRouter::send_raft_message(self, msg)
+    }
+    fn on_store_heard(&self, store_id: u64) {
+        atoll_raftstore::RaftRouter::on_store_heard(self, store_id)
     }
     fn report_unreachable(&self, store_id: u64) {
         atoll_raftstore::RaftRouter::report_unreachable(self, store_id)

@@ -37,6 +37,7 @@ impl Raft for RaftService {
                     continue;
                 }
             }
+            self.sink.on_store_heard(batch.from_store_id);
             for m in batch.msgs {
                 self.sink.send_raft_message(m);
             }

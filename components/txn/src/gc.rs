@@ -13,7 +13,7 @@
 //! it. Locks are not touched (the GC driver resolves locks below the safe point first).
 
 use atoll_engine::{EngineIterator, IterOptions, Snapshot, CF_WRITE};
-use atoll_keys::{append_ts, data_key, decode_bytes, split_ts};
+use atoll_keys::{append_ts, data_key, decode_data_key, split_ts};
 
 use crate::errors::Result;
 use crate::reader::MvccReader;
@@ -35,11 +35,7 @@ pub fn gc_key_range<S: Snapshot>(
     max_keys: usize,
 ) -> Result<(Vec<Modify>, Option<Vec<u8>>)> {
     let lower = data_key(start);
-    let upper = if end.is_empty() {
-        None
-    } else {
-        Some(data_key(end))
-    };
+    let upper = Some(atoll_keys::data_end_bound(end));
     if upper.as_ref().is_some_and(|u| *u <= lower) {
         return Ok((Vec::new(), None));
     }
@@ -54,7 +50,7 @@ pub fn gc_key_range<S: Snapshot>(
 
     while valid {
         let encoded = split_ts(it.key())?.0.to_vec();
-        let user_key = decode_bytes(&encoded)?.0;
+        let user_key = decode_data_key(&encoded)?.0;
         if removed >= limit {
             return Ok((txn.into_modifies(), Some(user_key)));
         }
@@ -373,7 +369,7 @@ mod tests {
             // Every CF_DEFAULT value left is referenced by a Put record.
             e.scan_cf(CF_DEFAULT, b"", None, true, |k, _| {
                 let (enc, start_ts) = split_ts(k).unwrap();
-                let user_key = decode_bytes(enc).unwrap().0;
+                let user_key = decode_data_key(enc).unwrap().0;
                 let r = MvccReader::new(e.snapshot());
                 let mut found = false;
                 let mut ts = u64::MAX;

@@ -11,7 +11,7 @@
 //! `Pessimistic` locks never block reads.
 
 use atoll_engine::{EngineIterator, IterOptions, Snapshot, CF_DEFAULT, CF_LOCK, CF_WRITE};
-use atoll_keys::{append_ts, data_key, decode_bytes, split_ts};
+use atoll_keys::{append_ts, data_key, decode_data_key, split_ts};
 
 use crate::errors::{Error, Result};
 use crate::types::{default_key, lock_key, Lock, LockType, Write, WriteType};
@@ -89,7 +89,7 @@ fn past_versions(encoded: &[u8]) -> Vec<u8> {
 }
 
 fn user_key_of(encoded: &[u8]) -> Result<Vec<u8>> {
-    Ok(decode_bytes(encoded)?.0)
+    Ok(decode_data_key(encoded)?.0)
 }
 
 /// Reads MVCC data from one snapshot. Every method is a pure read; nothing is cached.
@@ -248,11 +248,7 @@ impl<S: Snapshot> MvccReader<S> {
         bypass_locks: &[u64],
     ) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
         let lower = data_key(start);
-        let upper = if end.is_empty() {
-            None
-        } else {
-            Some(data_key(end))
-        };
+        let upper = Some(atoll_keys::data_end_bound(end));
         if upper.as_ref().is_some_and(|u| *u <= lower) {
             return Ok(Vec::new());
         }
@@ -284,11 +280,7 @@ impl<S: Snapshot> MvccReader<S> {
         limit: usize,
     ) -> Result<Vec<(Vec<u8>, Lock)>> {
         let lower = data_key(start);
-        let upper = if end.is_empty() {
-            None
-        } else {
-            Some(data_key(end))
-        };
+        let upper = Some(atoll_keys::data_end_bound(end));
         if upper.as_ref().is_some_and(|u| *u <= lower) {
             return Ok(Vec::new());
         }

@@ -26,12 +26,12 @@ fn store(snap: &ClusterSnapshot, id: u64) -> Option<&StoreView> {
 }
 
 /// Whether the peer on `store_id` must go: its store is down, offline, tombstone or gone,
-/// or its region reports it down.
+/// or its region has reported it down for at least max-store-down-time.
 fn is_bad_peer(snap: &ClusterSnapshot, r: &RegionView, store_id: u64, peer_id: u64) -> bool {
     match store(snap, store_id) {
         None => true,
         Some(s) => {
-            s.is_down || s.is_offline() || s.is_tombstone() || r.down_peers.contains(&peer_id)
+            s.is_down || s.is_offline() || s.is_tombstone() || r.long_down_peers.contains(&peer_id)
         }
     }
 }
@@ -238,6 +238,24 @@ mod tests {
         // No target: nothing to do (never drop below the replica count).
         c.snap.stores.get_mut(&4).unwrap().is_up = false;
         assert!(check_replicas(&c.snap, &c.snap.regions[0], 3, 3, &mut ids).is_none());
+    }
+
+    #[test]
+    fn a_peer_reported_down_is_replaced_only_after_max_store_down_time() {
+        let mut c = MockCluster::new(&[1, 2, 3, 4]);
+        c.add_region(&[1, 2, 3], 1);
+        let down = c.snap.regions[0].region.peers[2].id;
+        // Reported down (a sleeping region's follower on a silent store, say), not for long.
+        c.snap.regions[0].down_peers = vec![down];
+        let mut ids = c.ids();
+        assert!(!c.snap.regions[0].is_healthy());
+        assert!(check_replicas(&c.snap, &c.snap.regions[0], 3, 3, &mut ids).is_none());
+        c.snap.regions[0].long_down_peers = vec![down];
+        let op = check_replicas(&c.snap, &c.snap.regions[0], 3, 3, &mut ids).unwrap();
+        assert!(matches!(
+            op.steps.last().unwrap(),
+            OpStep::RemovePeer { store_id: 3, .. }
+        ));
     }
 
     #[test]

@@ -64,6 +64,7 @@ impl Coordinator {
             }
         }
         tracing::info!(region_id = op.region_id, kind = op.kind.name(), desc = %op.desc, "operator created");
+        OPERATORS_CREATED.with_label_values(&[op.kind.name()]).inc();
         self.operators.insert(op.region_id, op);
         true
     }
@@ -268,3 +269,12 @@ mod tests {
         assert!(again.iter().all(|s| s.transfer_leader.is_some()) || again.is_empty());
     }
 }
+
+atoll_util::metric!(
+    /// Operators admitted, by kind (replica, balance-leader, ...).
+    static OPERATORS_CREATED: atoll_util::metrics::IntCounterVec = int_counter_vec(
+        "atoll_pd_operators_created_total",
+        "Operators admitted by the coordinator, by kind",
+        &["kind"]
+    )
+);

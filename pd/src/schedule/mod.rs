@@ -44,7 +44,10 @@ pub struct RegionView {
     pub region: metapb::Region,
     pub leader: Option<metapb::Peer>,
     pub approximate_size: u64,
+    /// Peers the leader reports down (the region counts as unhealthy).
     pub down_peers: Vec<u64>,
+    /// Those of them down for at least max-store-down-time (to be replaced).
+    pub long_down_peers: Vec<u64>,
     pub pending_peers: Vec<u64>,
 }
 
