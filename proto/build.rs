@@ -9,6 +9,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/raft_cmdpb.proto",
         "proto/kvrpcpb.proto",
         "proto/pdpb.proto",
+        // etcd's v3 API (vendored; see the header of each file).
+        "proto/etcd/mvccpb/kv.proto",
+        "proto/etcd/authpb/auth.proto",
+        "proto/etcd/etcdserverpb/rpc.proto",
+        "proto/etcd/v3electionpb/v3election.proto",
+        "proto/etcd/v3lockpb/v3lock.proto",
     ];
     for p in &protos {
         println!("cargo:rerun-if-changed={p}");

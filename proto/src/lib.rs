@@ -8,6 +8,7 @@
 //! | [`raft_cmdpb`] | what a raft entry carries: column-family mutations or one admin command |
 //! | [`kvrpcpb`] | the store's KV and transaction service |
 //! | [`pdpb`] | the placement driver's service, and PD-to-PD raft |
+//! | [`etcdserverpb`], [`mvccpb`], [`authpb`], [`v3electionpb`], [`v3lockpb`] | etcd's v3 API, vendored from etcd unchanged but for annotations (`proto/etcd/`) |
 //!
 //! raft-rs messages (rust-protobuf 2) travel as opaque bytes inside these envelopes.
 
@@ -30,6 +31,22 @@ pub mod kvrpcpb {
 }
 pub mod pdpb {
     tonic::include_proto!("pdpb");
+}
+
+pub mod mvccpb {
+    tonic::include_proto!("mvccpb");
+}
+pub mod authpb {
+    tonic::include_proto!("authpb");
+}
+pub mod etcdserverpb {
+    tonic::include_proto!("etcdserverpb");
+}
+pub mod v3electionpb {
+    tonic::include_proto!("v3electionpb");
+}
+pub mod v3lockpb {
+    tonic::include_proto!("v3lockpb");
 }
 
 pub use prost::Message;
