@@ -4,7 +4,8 @@
 #   2. starts pd1-3 and store1-3 under a project name of its own and waits until all six are
 #      healthy (at most ATOLL_UP_TIMEOUT seconds, default 90),
 #   3. from the host, with target/release/kvctl: put/get/scan, `stores` shows 3 stores up, the
-#      published status ports answer,
+#      published status ports answer; etcdctl (if installed) put/get and endpoint health on the
+#      stores' published ports (the endpoints are printed for etcd clients),
 #   4. stops one store (SIGKILL by default; the one leading the data's region unless
 #      ATOLL_STOP_STORE=storeN) and checks that writes and reads still succeed within 20 s,
 #   5. starts store4 with `--profile scale up -d store4` and checks that it registers,
@@ -205,6 +206,18 @@ kv --pd "$pd_endpoints" tso >/dev/null || fail "tso"
 members=$(kv --pd "$pd_endpoints" members) || fail "members"
 [ "$(grep -c . <<<"$members")" = 3 ] || fail "members: want 3, got: $members"
 log "put/get/scan/tso/members from the host: ok"
+
+# etcd's API on the stores' published ports (etcdctl: Debian's etcd-client, when installed).
+etcd_endpoints="$host_ip:$ATOLL_STORE1_PORT,$host_ip:$ATOLL_STORE2_PORT,$host_ip:$ATOLL_STORE3_PORT"
+log "etcd clients: export ETCDCTL_API=3 ETCDCTL_ENDPOINTS=$etcd_endpoints"
+if command -v etcdctl >/dev/null 2>&1; then
+  ectl() { ETCDCTL_API=3 etcdctl --endpoints="$etcd_endpoints" --command-timeout=10s "$@"; }
+  ectl put compose/etcd hello >/dev/null || fail "etcdctl put"
+  got=$(ectl get compose/etcd --print-value-only) || fail "etcdctl get"
+  [ "$got" = hello ] || fail "etcdctl get compose/etcd returned '$got', want 'hello'"
+  ectl endpoint health >/dev/null 2>&1 || fail "etcdctl endpoint health: $(ectl endpoint health 2>&1)"
+  log "etcdctl put/get/endpoint health from the host: ok"
+fi
 
 stores=$(store_lines) || fail "stores"
 up=$(grep '"state":"up"' <<<"$stores" | grep -c '"is_down":false' || true)

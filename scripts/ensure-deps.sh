@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Installs what a fresh machine lacks to build Atoll: RocksDB's build (bindgen) needs libclang
-# with its headers. protoc is vendored; everything else comes from cargo.
+# Installs what a fresh machine lacks to build and test Atoll: RocksDB's build (bindgen) needs
+# libclang with its headers; the etcd API tests drive the stores with etcdctl (Debian's
+# etcd-client). protoc is vendored; everything else comes from cargo. Does nothing when all is
+# there already.
 set -euo pipefail
 
 have_libclang() {
@@ -16,23 +18,50 @@ have_headers() {
   ls /usr/lib/llvm-*/lib/clang/*/include/stdbool.h >/dev/null 2>&1
 }
 
-if have_libclang && have_headers; then
+have_etcdctl() {
+  command -v etcdctl >/dev/null 2>&1
+}
+
+need_libclang=0
+need_etcdctl=0
+have_libclang && have_headers || need_libclang=1
+have_etcdctl || need_etcdctl=1
+if [ "$need_libclang" = 0 ] && [ "$need_etcdctl" = 0 ]; then
   exit 0
 fi
 
-echo "ensure-deps: installing libclang (needed by RocksDB's build)..." >&2
 SUDO=""
 if [ "$(id -u)" != 0 ]; then
   if command -v sudo >/dev/null 2>&1; then SUDO="sudo"; else
-    echo "ensure-deps: libclang is missing and this user cannot install packages; install libclang-dev" >&2
+    echo "ensure-deps: missing packages and this user cannot install them; install libclang-dev and etcd-client" >&2
     exit 1
   fi
 fi
 export DEBIAN_FRONTEND=noninteractive
-if ! $SUDO apt-get install -y --no-install-recommends libclang1-14 libclang-common-14-dev >/dev/null 2>&1; then
-  $SUDO apt-get update >/dev/null
-  $SUDO apt-get install -y --no-install-recommends libclang1-14 libclang-common-14-dev >/dev/null 2>&1 \
-    || $SUDO apt-get install -y --no-install-recommends libclang-dev >/dev/null
+updated=0
+
+# apt_install PKG... : installs, refreshing the package lists once if the first try fails.
+apt_install() {
+  if $SUDO apt-get install -y --no-install-recommends "$@" >/dev/null 2>&1; then
+    return 0
+  fi
+  if [ "$updated" = 0 ]; then
+    $SUDO apt-get update >/dev/null
+    updated=1
+  fi
+  $SUDO apt-get install -y --no-install-recommends "$@" >/dev/null 2>&1
+}
+
+if [ "$need_libclang" = 1 ]; then
+  echo "ensure-deps: installing libclang (needed by RocksDB's build)..." >&2
+  apt_install libclang1-14 libclang-common-14-dev || apt_install libclang-dev || true
+  have_libclang && have_headers || { echo "ensure-deps: libclang still missing" >&2; exit 1; }
+  echo "ensure-deps: libclang installed" >&2
 fi
-have_libclang && have_headers || { echo "ensure-deps: libclang still missing" >&2; exit 1; }
-echo "ensure-deps: libclang installed" >&2
+
+if [ "$need_etcdctl" = 1 ]; then
+  echo "ensure-deps: installing etcdctl (Debian's etcd-client, used by the etcd API tests)..." >&2
+  apt_install etcd-client || true
+  have_etcdctl || { echo "ensure-deps: etcdctl still missing" >&2; exit 1; }
+  echo "ensure-deps: etcdctl installed" >&2
+fi

@@ -61,6 +61,13 @@ pub async fn run(a: PlaygroundArgs) -> anyhow::Result<()> {
         a.data_dir.display()
     );
     println!("Try:  kvctl --pd {pd_addr} put hello world && kvctl --pd {pd_addr} get hello");
+    let endpoints: Vec<String> = (0..a.stores)
+        .map(|i| format!("127.0.0.1:{}", 20160 + i))
+        .collect();
+    println!(
+        "etcd clients: export ETCDCTL_API=3 ETCDCTL_ENDPOINTS={}",
+        endpoints.join(",")
+    );
     println!("Stop with Ctrl-C.");
     atoll_util::shutdown_signal().await;
     println!("stopping...");

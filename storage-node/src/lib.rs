@@ -4,14 +4,12 @@
 //! | module | owns |
 //! | --- | --- |
 //! | [`config`] | the node's configuration (TOML + flags) |
-//! | [`node`] | start-up (identity, bootstrap, registration) and graceful shutdown |
-//! | [`storage`] | request semantics: MVCC reads at timestamps, plain writes in one phase, Percolator commands, GC |
-//! | [`service`] | the `Kv` gRPC service (a thin shell over `storage`) |
+//! | [`node`] | start-up (identity, bootstrap, registration), the client port (Atoll's and etcd's APIs, `atoll-etcd`) and graceful shutdown |
+//! | [`service`] | the `Kv` gRPC service (a thin shell over `atoll_storage::Storage`, where the request semantics live) |
 
 pub mod config;
 pub mod node;
 pub mod service;
-pub mod storage;
 
 pub use config::NodeConfig;
 pub use node::{run, Node};

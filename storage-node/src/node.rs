@@ -1,9 +1,9 @@
 //! Bringing a store up and down: engine, store identity, cluster bootstrap, PD registration,
-//! raftstore, transport, gRPC and status servers, graceful shutdown.
+//! raftstore, transport, gRPC and status servers, graceful shutdown. The gRPC port also serves
+//! etcd's API and its HTTP/JSON gateway (`atoll-etcd`).
 
 use crate::config::NodeConfig;
 use crate::service::KvService;
-use crate::storage::Storage;
 use atoll_engine_rocks::{RocksConfig, RocksEngine};
 use atoll_pd_client::{PdClient, RpcPdClient, RpcPdConfig};
 use atoll_proto::kvrpcpb::kv_server::KvServer;
@@ -16,6 +16,7 @@ use atoll_raftstore::store::{
     prepare_bootstrap_region, write_store_ident,
 };
 use atoll_raftstore::{RaftRouter, RaftStore, StoreDeps};
+use atoll_storage::Storage;
 use atoll_transport::{GrpcTransport, PdStoreResolver, RaftService, TransportConfig};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -210,17 +211,28 @@ impl Node {
         ))
         .max_decoding_message_size(64 << 20)
         .max_encoding_message_size(64 << 20);
+        // One port, as etcd's: Atoll's own services, etcd's gRPC services and etcd's HTTP/JSON
+        // gateway (HTTP/1.1 requests and non-gRPC HTTP/2 requests).
+        let etcd = atoll_etcd::EtcdContext::new(
+            store_id,
+            cfg.advertise(&addr),
+            pd.clone(),
+            Arc::new(atoll_etcd::RocksLocalStore::new(router.clone())),
+        );
+        let mut grpc = tonic::service::RoutesBuilder::default();
+        grpc.add_service(kv).add_service(raft);
+        let routes = atoll_etcd::routes(&etcd, grpc);
         let mut rx = stop_rx.clone();
         tasks.push(tokio::spawn(async move {
             // Accepted sockets need no-delay too (tonic applies it only to listeners it binds).
             let incoming =
                 tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
             let r = tonic::transport::Server::builder()
+                .accept_http1(true)
                 .tcp_nodelay(true)
                 .initial_stream_window_size(4 << 20)
                 .initial_connection_window_size(16 << 20)
-                .add_service(kv)
-                .add_service(raft)
+                .add_routes(routes)
                 .serve_with_incoming_shutdown(incoming, async move {
                     let _ = rx.wait_for(|s| *s).await;
                 })

@@ -1,9 +1,9 @@
 //! The `Kv` gRPC service: a thin shell over [`Storage`], which owns the semantics.
 
-use crate::storage::Storage;
 use atoll_engine::KvEngine;
 use atoll_proto::kvrpcpb::kv_server::Kv;
 use atoll_proto::kvrpcpb::*;
+use atoll_storage::Storage;
 use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
@@ -54,5 +54,7 @@ kv_service! {
     kv_pessimistic_lock(PessimisticLockRequest) -> PessimisticLockResponse;
     kv_pessimistic_rollback(PessimisticRollbackRequest) -> PessimisticRollbackResponse;
     kv_scan_lock(ScanLockRequest) -> ScanLockResponse;
+    etcd_range(EtcdRangeRequest) -> EtcdRangeResponse;
+    etcd_txn(EtcdTxnRequest) -> EtcdTxnResponse;
     split_region(SplitRegionRequest) -> SplitRegionResponse;
 }

@@ -137,6 +137,9 @@ pub enum Outcome {
     /// A `Cas` was acknowledged: `true` = swapped, `false` = the compare
     /// failed and the operation had no effect.
     CasOk(bool),
+    /// A `Cas` was acknowledged as not swapped, with the value the key held when it was
+    /// compared (`None` = absent): a failed compare that is also a read of that value.
+    CasFailed(Option<String>),
     /// The operation definitely had no effect (e.g. rejected before being
     /// proposed). Such operations are ignored by the checker.
     Failed,
@@ -601,6 +604,9 @@ fn prepare<'a>(
             (OpKind::Cas { expected, .. }, Outcome::CasOk(_) | Outcome::Unknown) => {
                 mentioned.insert(expected.as_deref());
             }
+            (OpKind::Cas { .. }, Outcome::CasFailed(current)) => {
+                mentioned.insert(current.as_deref());
+            }
             _ => {}
         }
     }
@@ -633,6 +639,15 @@ fn prepare<'a>(
                 } else {
                     (Step::CasFail { exp }, false)
                 }
+            }
+            (OpKind::Cas { expected, .. }, Outcome::CasFailed(current)) => {
+                if current == expected {
+                    return Err(format!(
+                        "{}: not swapped, yet the current value it reports is the expected one",
+                        describe(orig, op)
+                    ));
+                }
+                (Step::Read(interner.id(current.as_deref())), false)
             }
             (OpKind::Cas { expected, new }, Outcome::Unknown) => {
                 if expected == new {
@@ -1688,7 +1703,9 @@ impl<'p, 'a> Search<'p, 'a> {
             match &op.kind {
                 OpKind::Put(v) => return format!("{:?}", Some(v)),
                 OpKind::Delete => return "None".to_string(),
-                OpKind::Cas { new, .. } if op.outcome != Outcome::CasOk(false) => {
+                OpKind::Cas { new, .. }
+                    if !matches!(op.outcome, Outcome::CasOk(false) | Outcome::CasFailed(_)) =>
+                {
                     return format!("{new:?}")
                 }
                 _ => {}
@@ -1821,7 +1838,10 @@ impl<'p, 'a> Search<'p, 'a> {
                 OpKind::Get => None,
             };
             if let Some(v) = written {
-                let ok = op.outcome != Outcome::Failed && op.outcome != Outcome::CasOk(false);
+                let ok = !matches!(
+                    op.outcome,
+                    Outcome::Failed | Outcome::CasOk(false) | Outcome::CasFailed(_)
+                );
                 *writers.entry(v).or_default() |= ok;
             }
         }
@@ -1948,6 +1968,52 @@ mod tests {
             }
             other => panic!("expected a violation, got {other:?} for {history:#?}"),
         }
+    }
+
+    fn cas_failed(
+        client: u64,
+        expected: Option<&str>,
+        current: Option<&str>,
+        invoke: u64,
+        complete: u64,
+    ) -> Operation {
+        let kind = OpKind::Cas {
+            expected: expected.map(str::to_string),
+            new: s("never"),
+        };
+        let out = Outcome::CasFailed(current.map(str::to_string));
+        op(client, kind, invoke, complete, out)
+    }
+
+    #[test]
+    fn failed_cas_reporting_a_stale_current_value_is_a_violation() {
+        // The deposed-leader answer: "not swapped, the key holds A" after B was written.
+        let h = [
+            put(1, "A", 0, 1),
+            put(2, "B", 2, 3),
+            cas_failed(3, Some("C"), Some("A"), 4, 5),
+        ];
+        assert_violation(&h);
+        // Without the value it reports, the same answer looks fine.
+        let mut blind = h.clone();
+        blind[2].outcome = Outcome::CasOk(false);
+        assert_ok(&blind);
+        // Reporting the current value is fine.
+        assert_ok(&[
+            put(1, "A", 0, 1),
+            put(2, "B", 2, 3),
+            cas_failed(3, Some("C"), Some("B"), 4, 5),
+        ]);
+    }
+
+    #[test]
+    fn failed_cas_reporting_the_expected_value_is_malformed() {
+        let r = result_of(&[put(1, "A", 0, 1), cas_failed(2, Some("A"), Some("A"), 2, 3)]);
+        assert!(
+            matches!(r.result, KeyResult::Inconclusive { .. }),
+            "{:?}",
+            r.result
+        );
     }
 
     // ----- basic semantics ---------------------------------------------------
@@ -2654,7 +2720,7 @@ mod tests {
         let ops: Vec<&Operation> = history.iter().filter(|o| o.key == key).collect();
         let writes = |o: &Operation| -> Option<Option<String>> {
             match (&o.kind, &o.outcome) {
-                (_, Outcome::Failed) | (_, Outcome::CasOk(false)) => None,
+                (_, Outcome::Failed | Outcome::CasOk(false) | Outcome::CasFailed(_)) => None,
                 (OpKind::Put(v), _) => Some(Some(v.clone())),
                 (OpKind::Delete, _) => Some(None),
                 (OpKind::Cas { new, .. }, _) => Some(new.clone()),
@@ -2901,6 +2967,11 @@ mod tests {
                     vec![new.clone()]
                 }
                 (OpKind::Cas { expected, .. }, Outcome::CasOk(false)) if expected != v => {
+                    vec![v.clone()]
+                }
+                (OpKind::Cas { expected, .. }, Outcome::CasFailed(cur))
+                    if expected != v && cur == v =>
+                {
                     vec![v.clone()]
                 }
                 (OpKind::Cas { expected, new }, Outcome::Unknown) => {

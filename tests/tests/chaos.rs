@@ -1,5 +1,7 @@
 //! The chaos suite: a nemesis kills (`kill -9`) and restarts storage nodes and PD members,
-//! cuts a store off from the others (transport failpoints set at run time), and pauses
+//! cuts a store off from the others (transport failpoints set at run time; one variant picks
+//! the store leading the most regions and freezes it for a moment, so that it wakes a deposed
+//! leader that does not know it yet), and pauses
 //! processes (SIGSTOP / SIGCONT), while clients run gets, puts, deletes, compare-and-swaps and
 //! read-modify-write transactions on a set of keys. Every operation is recorded with its
 //! invoke and completion times and its result (or "unknown"), and the history is checked for
@@ -120,9 +122,15 @@ async fn client_loop(id: u64, cl: Arc<Client>, w: Arc<Workload>, seed: u64) {
                 )
                 .await;
             let out = match res {
-                Ok((ok, cur)) => {
-                    seen.insert(key.clone(), if ok { Some(fresh.clone()) } else { s(cur) });
-                    Outcome::CasOk(ok)
+                Ok((true, _)) => {
+                    seen.insert(key.clone(), Some(fresh.clone()));
+                    Outcome::CasOk(true)
+                }
+                // Not swapped: the answer is also a read of the value it compared against.
+                Ok((false, cur)) => {
+                    let cur = s(cur);
+                    seen.insert(key.clone(), cur.clone());
+                    Outcome::CasFailed(cur)
                 }
                 Err(e) => write_error(&e),
             };
@@ -173,6 +181,10 @@ enum Fault {
     KillStore(usize),
     KillPd(usize),
     PartitionStore(usize),
+    /// The store leading the most regions, cut off and frozen for a moment: once thawed it
+    /// still believes it leads (no quorum check yet) while the others elect and write, and
+    /// clients with a stale region cache send it their requests.
+    IsolateLeader(usize),
     PauseStore(usize),
     PausePd(usize),
 }
@@ -201,6 +213,25 @@ impl Nemesis<'_> {
         self.c.pds.iter().position(|p| p.client_addr == addr)
     }
 
+    /// The store that leads the most regions, as PD reports them.
+    fn leading_store(&self) -> Option<usize> {
+        let out = self
+            .c
+            .kvctl(&["--output", "json", "--timeout", "3", "regions"]);
+        if !out.status.success() {
+            return None;
+        }
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        let mut led: BTreeMap<u64, usize> = BTreeMap::new();
+        for r in v["regions"].as_array()? {
+            if let Some(s) = r["leader"]["store_id"].as_u64() {
+                *led.entry(s).or_default() += 1;
+            }
+        }
+        let (&id, _) = led.iter().max_by_key(|(_, n)| **n)?;
+        self.c.store_index_of(id)
+    }
+
     fn pick(&mut self) -> Fault {
         let store = self.rng.gen_range(0..self.c.stores.len());
         let pd = if self.rng.gen_bool(0.7) {
@@ -210,10 +241,11 @@ impl Nemesis<'_> {
             self.rng.gen_range(0..self.c.pds.len())
         };
         match self.rng.gen_range(0..100) {
-            0..=29 => Fault::KillStore(store),
-            30..=44 => Fault::KillPd(pd),
-            45..=69 => Fault::PartitionStore(store),
-            70..=89 => Fault::PauseStore(store),
+            0..=24 => Fault::KillStore(store),
+            25..=37 => Fault::KillPd(pd),
+            38..=54 => Fault::PartitionStore(store),
+            55..=69 => Fault::IsolateLeader(self.leading_store().unwrap_or(store)),
+            70..=87 => Fault::PauseStore(store),
             _ => Fault::PausePd(pd),
         }
     }
@@ -254,6 +286,15 @@ impl Nemesis<'_> {
             Fault::PartitionStore(i) => {
                 self.set_partition(i, true);
                 std::thread::sleep(hold);
+                self.set_partition(i, false);
+            }
+            Fault::IsolateLeader(i) => {
+                self.set_partition(i, true);
+                let frozen = hold.min(Duration::from_millis(1500));
+                self.c.stores[i].proc_.signal(libc::SIGSTOP);
+                std::thread::sleep(frozen);
+                self.c.stores[i].proc_.signal(libc::SIGCONT);
+                std::thread::sleep(hold - frozen);
                 self.set_partition(i, false);
             }
             Fault::PauseStore(i) => {

@@ -14,10 +14,14 @@
 //!   when its leader's store is cut off; the followers notice the silent store, wake and
 //!   elect; the old leader, still asleep and still "leader", wakes to the requests (waking
 //!   is not hearing from a quorum: no lease, no answer without a ReadIndex round).
+//! - `abandoned_write_keeps_its_keys_latched_until_applied`: a write whose client gave up is
+//!   still in the log; until it applies, a later command on its keys must not decide on the
+//!   state from before it.
 
 use atoll_proto::kvrpcpb::kv_client::KvClient;
 use atoll_proto::kvrpcpb::{CompareAndSwapRequest, Context, DeleteRequest, GetRequest};
 use atoll_proto::metapb;
+use atoll_raftstore::failpoints as rfp;
 use atoll_tests::procs::{remove_failpoint, set_failpoint, status_json, ClusterOpts, ProcCluster};
 use atoll_tests::{runtime, wait_until};
 use serde_json::Value;
@@ -316,4 +320,77 @@ fn sleeping_deposed_leader_does_not_answer_from_stale_state() {
     report(&a);
     check_answers(&a);
     finish(c, old);
+}
+
+/// A compare-and-swap A→B whose client gives up (deadline; the server drops the handler)
+/// while apply is paused on the leader (`raftstore::before_apply`) is still committed and
+/// will apply. A second compare-and-swap A→C sent meanwhile must wait for it (the keys stay
+/// latched until the first applies) and then fail against B. Before the fix the latch went
+/// with the dropped handler: the second decided on the snapshot from before B, and both
+/// answered "swapped from A" (the final value C).
+#[test]
+fn abandoned_write_keeps_its_keys_latched_until_applied() {
+    let s = setup(false);
+    let c = &s.c;
+    let leader = &c.stores[s.old];
+    let addr = format!("http://{}", leader.addr);
+    let status = leader.status_addr.clone();
+    let cas = |value: &[u8], ts: u64| CompareAndSwapRequest {
+        context: Some(s.ctx.clone()),
+        key: b"cas".to_vec(),
+        expected: b"A".to_vec(),
+        expect_absent: false,
+        value: value.to_vec(),
+        delete: false,
+        start_version: ts,
+    };
+    let (first, second) = (cas(b"B", s.ts[0]), cas(b"C", s.ts[1]));
+    set_failpoint(&status, rfp::BEFORE_APPLY, "pause");
+    let rt = runtime();
+    let second = rt.block_on(async move {
+        let k = KvClient::connect(addr)
+            .await
+            .expect("connect to the leader");
+        let mut req = tonic::Request::new(first);
+        req.set_timeout(Duration::from_secs(1));
+        let abandoned =
+            tokio::time::timeout(Duration::from_secs(2), k.clone().kv_compare_and_swap(req)).await;
+        assert!(
+            !matches!(abandoned, Ok(Ok(_))),
+            "the first compare-and-swap answered with apply paused: {abandoned:?}"
+        );
+        let mut k2 = k.clone();
+        let second = tokio::spawn(async move { k2.kv_compare_and_swap(second).await });
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        tokio::task::spawn_blocking(move || remove_failpoint(&status, rfp::BEFORE_APPLY))
+            .await
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(20), second)
+            .await
+            .expect("the second compare-and-swap answered")
+            .unwrap()
+    });
+    match second {
+        Ok(r) => {
+            let r = r.into_inner();
+            eprintln!(
+                "second compare-and-swap: region_error={:?} error={:?} succeeded={} previous={:?}",
+                r.region_error.as_ref().map(|e| &e.message),
+                r.error,
+                r.succeeded,
+                String::from_utf8_lossy(&r.previous_value)
+            );
+            assert!(
+                r.region_error.is_some()
+                    || r.error.is_some()
+                    || (!r.succeeded && r.previous_value == b"B"),
+                "the second compare-and-swap decided on the state from before the abandoned one: succeeded={} previous={:?}",
+                r.succeeded,
+                String::from_utf8_lossy(&r.previous_value)
+            );
+        }
+        Err(e) => eprintln!("second compare-and-swap refused: {e}"),
+    }
+    // The abandoned write applied; nothing overwrote it.
+    assert_eq!(get(c, "cas").as_deref(), Some("B"));
 }

@@ -7,6 +7,7 @@
 //! | [`region_cache`] | regions by start key, leaders, store addresses |
 //! | [`lock_resolver`] | what a reader does when it meets another transaction's lock |
 //! | [`txn`] | optimistic/pessimistic transactions (Percolator, two-phase or one-phase) |
+//! | [`etcd`] | the region-level calls of the etcd API: ranges with etcd's metadata, one-region txns |
 //! | [`errors`] | errors a caller can act on |
 //!
 //! Data model (docs/design/transactions.md): everything is multi-version. Plain writes commit
@@ -16,6 +17,7 @@
 //! it never shows part of a transaction, even across regions.
 
 pub mod errors;
+pub mod etcd;
 pub mod lock_resolver;
 pub mod region_cache;
 pub mod txn;
@@ -104,6 +106,8 @@ region_response!(
     kvrpcpb::PessimisticLockResponse,
     kvrpcpb::PessimisticRollbackResponse,
     kvrpcpb::ScanLockResponse,
+    kvrpcpb::EtcdRangeResponse,
+    kvrpcpb::EtcdTxnResponse,
     kvrpcpb::SplitRegionResponse
 );
 
@@ -431,24 +435,16 @@ impl Client {
                         if version == 0 {
                             version = self.tso().await?;
                         }
-                        let wait = lock_resolver::resolve(
+                        lock_resolver::resolve_and_wait(
                             self,
-                            vec![lock],
+                            lock,
                             version,
                             deadline,
                             &mut bypass,
+                            &mut backoff,
+                            "key stayed locked",
                         )
                         .await?;
-                        if wait > 0
-                            && !backoff
-                                .wait_at_least(Duration::from_millis(wait.min(200)))
-                                .await
-                        {
-                            return Err(Error::Timeout(
-                                self.cfg.timeout,
-                                "key stayed locked".into(),
-                            ));
-                        }
                     }
                     None => return Err(errors::key_error(e)),
                 },
@@ -521,24 +517,16 @@ impl Client {
                 }
                 Some(e) => match e.locked {
                     Some(lock) => {
-                        let wait = lock_resolver::resolve(
+                        lock_resolver::resolve_and_wait(
                             self,
-                            vec![lock],
+                            lock,
                             version,
                             deadline,
                             &mut bypass,
+                            &mut backoff,
+                            "key stayed locked",
                         )
                         .await?;
-                        if wait > 0
-                            && !backoff
-                                .wait_at_least(Duration::from_millis(wait.min(200)))
-                                .await
-                        {
-                            return Err(Error::Timeout(
-                                self.cfg.timeout,
-                                "key stayed locked".into(),
-                            ));
-                        }
                     }
                     None => return Err(errors::key_error(e)),
                 },
@@ -670,24 +658,16 @@ impl Client {
             if let Some(e) = resp.error {
                 match e.locked {
                     Some(lock) => {
-                        let wait = lock_resolver::resolve(
+                        lock_resolver::resolve_and_wait(
                             self,
-                            vec![lock],
+                            lock,
                             version,
                             deadline,
                             &mut bypass,
+                            &mut backoff,
+                            "range stayed locked",
                         )
                         .await?;
-                        if wait > 0
-                            && !backoff
-                                .wait_at_least(Duration::from_millis(wait.min(200)))
-                                .await
-                        {
-                            return Err(Error::Timeout(
-                                self.cfg.timeout,
-                                "range stayed locked".into(),
-                            ));
-                        }
                         continue;
                     }
                     None => return Err(errors::key_error(e)),
@@ -780,19 +760,16 @@ impl Client {
                 None => return Ok(commit),
                 Some(e) => match e.locked {
                     Some(lock) => {
-                        let wait =
-                            lock_resolver::resolve(self, vec![lock], 0, deadline, &mut vec![])
-                                .await?;
-                        if wait > 0
-                            && !backoff
-                                .wait_at_least(Duration::from_millis(wait.min(200)))
-                                .await
-                        {
-                            return Err(Error::Timeout(
-                                self.cfg.timeout,
-                                "key stayed locked".into(),
-                            ));
-                        }
+                        lock_resolver::resolve_and_wait(
+                            self,
+                            lock,
+                            0,
+                            deadline,
+                            &mut vec![],
+                            &mut backoff,
+                            "key stayed locked",
+                        )
+                        .await?;
                     }
                     None => return Err(errors::key_error(e)),
                 },
@@ -966,19 +943,16 @@ impl Client {
                 }
                 Some(e) => match e.locked {
                     Some(lock) => {
-                        let wait =
-                            lock_resolver::resolve(self, vec![lock], 0, deadline, &mut vec![])
-                                .await?;
-                        if wait > 0
-                            && !backoff
-                                .wait_at_least(Duration::from_millis(wait.min(200)))
-                                .await
-                        {
-                            return Err(Error::Timeout(
-                                self.cfg.timeout,
-                                "key stayed locked".into(),
-                            ));
-                        }
+                        lock_resolver::resolve_and_wait(
+                            self,
+                            lock,
+                            0,
+                            deadline,
+                            &mut vec![],
+                            &mut backoff,
+                            "key stayed locked",
+                        )
+                        .await?;
                     }
                     None => return Err(errors::key_error(e)),
                 },

@@ -5,8 +5,9 @@
 
 use crate::{Client, Error, Locate, Result};
 use atoll_proto::kvrpcpb;
+use atoll_util::backoff::Backoff;
 use std::collections::HashMap;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// Outcome of a transaction as its primary key tells it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -149,4 +150,27 @@ pub async fn resolve(
         }
     }
     Ok(wait)
+}
+
+/// What a request does when it met `lock`: resolve it ([`resolve`]), then wait what that asks
+/// (at most 200 ms at a time, within the request's backoff); the request then retries.
+/// `Err(Timeout)` with `what` when the deadline passes first.
+pub async fn resolve_and_wait(
+    client: &Client,
+    lock: kvrpcpb::LockInfo,
+    caller_ts: u64,
+    deadline: Instant,
+    bypass: &mut Vec<u64>,
+    backoff: &mut Backoff,
+    what: &str,
+) -> Result<()> {
+    let wait = resolve(client, vec![lock], caller_ts, deadline, bypass).await?;
+    if wait > 0
+        && !backoff
+            .wait_at_least(Duration::from_millis(wait.min(200)))
+            .await
+    {
+        return Err(Error::Timeout(client.config().timeout, what.into()));
+    }
+    Ok(())
 }

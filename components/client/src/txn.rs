@@ -208,24 +208,16 @@ impl Transaction {
                 .await?;
             if let Some(e) = resp.errors.into_iter().next() {
                 if let Some(lock) = e.locked {
-                    let wait = lock_resolver::resolve(
+                    lock_resolver::resolve_and_wait(
                         &self.client,
-                        vec![lock],
+                        lock,
                         for_update_ts,
                         deadline,
                         &mut vec![],
+                        &mut backoff,
+                        "key stayed locked",
                     )
                     .await?;
-                    if wait > 0
-                        && !backoff
-                            .wait_at_least(Duration::from_millis(wait.min(200)))
-                            .await
-                    {
-                        return Err(Error::Timeout(
-                            self.client.config().timeout,
-                            "key stayed locked".into(),
-                        ));
-                    }
                     continue;
                 }
                 return Err(errors::key_error(e));
@@ -297,6 +289,21 @@ impl Transaction {
     /// Phase two, after [`prewrite`](Self::prewrite) returned `None`: commits the primary (the
     /// commit point), then the secondaries.
     pub async fn commit_prewritten(self) -> Result<u64> {
+        let done = self
+            .commit_prewritten_checked(|_| std::future::ready(Ok(true)))
+            .await?;
+        Ok(done.expect("an unconditional commit commits"))
+    }
+
+    /// [`commit_prewritten`](Self::commit_prewritten), if `check(commit_ts)` holds just before
+    /// the commit point (checked again for every commit timestamp tried). A check that fails
+    /// rolls the transaction back: `Ok(None)`. For serializable transactions: `check` re-reads
+    /// at the commit timestamp what the transaction read at its start and compares.
+    pub async fn commit_prewritten_checked<F, Fut>(self, check: F) -> Result<Option<u64>>
+    where
+        F: Fn(u64) -> Fut,
+        Fut: std::future::Future<Output = Result<bool>>,
+    {
         let primary = self
             .primary
             .clone()
@@ -307,6 +314,17 @@ impl Transaction {
         // A reader may have pushed the primary's minimum commit timestamp past ours: take a
         // newer one.
         loop {
+            let holds = match check(commit_ts).await {
+                Ok(h) => h,
+                Err(e) => {
+                    self.rollback_keys(&keys, deadline).await;
+                    return Err(e);
+                }
+            };
+            if !holds {
+                self.rollback_keys(&keys, deadline).await;
+                return Ok(None);
+            }
             match self
                 .commit_keys(std::slice::from_ref(&primary), commit_ts, deadline)
                 .await
@@ -318,7 +336,7 @@ impl Transaction {
                 Err(e) => return Err(e),
             }
         }
-        fail::fail_point!(FP_AFTER_PRIMARY_COMMIT, |_| Ok(commit_ts));
+        fail::fail_point!(FP_AFTER_PRIMARY_COMMIT, |_| Ok(Some(commit_ts)));
         let secondaries: Vec<Vec<u8>> = keys.into_iter().filter(|k| *k != primary).collect();
         if !secondaries.is_empty() {
             // Committed already; secondaries are cleaned up now (or later by readers).
@@ -326,7 +344,7 @@ impl Transaction {
                 tracing::debug!(error = %e, "committing secondaries (readers will resolve them)");
             }
         }
-        Ok(commit_ts)
+        Ok(Some(commit_ts))
     }
 
     /// Heart beats on the primary while prewrites run (stops when dropped).

@@ -172,9 +172,10 @@ pub fn data_format_key() -> Vec<u8> {
     vec![STORE_PREFIX, 0x03]
 }
 
-/// The on-disk layout this build reads and writes. 1: data keys carry [`DATA_PREFIX`].
+/// The on-disk layout this build reads and writes. 1: data keys carry [`DATA_PREFIX`];
+/// 2: write records of values carry etcd's key metadata (create timestamp, version, lease).
 /// (Data directories written before version 1 have a store ident and no format key.)
-pub const DATA_FORMAT_VERSION: u32 = 1;
+pub const DATA_FORMAT_VERSION: u32 = 2;
 
 /// Where the store remembers the last GC safe point it has applied.
 pub fn gc_safe_point_key() -> Vec<u8> {

@@ -223,18 +223,21 @@ impl RpcPdClient {
                         continue;
                     }
                 };
-                if let Some(h) = &resp.header {
-                    if h.cluster_id != 0 {
-                        let known = self.inner.cluster_id.load(Ordering::Relaxed);
-                        if known != 0 && known != h.cluster_id {
-                            return Err(Error::ClusterMismatch(format!(
-                                "{addr} belongs to cluster {}, not {known}",
-                                h.cluster_id
-                            )));
-                        }
-                        self.inner.cluster_id.store(h.cluster_id, Ordering::Relaxed);
-                    }
+                // A new PD leader persists the cluster id right after its election: until
+                // then it answers with none, and a client that connected then would carry
+                // no id in its headers (nor report one) until it reconnected.
+                let id = resp.header.as_ref().map_or(0, |h| h.cluster_id);
+                if id == 0 {
+                    last_err = format!("{addr}: cluster id not assigned yet");
+                    continue;
                 }
+                let known = self.inner.cluster_id.load(Ordering::Relaxed);
+                if known != 0 && known != id {
+                    return Err(Error::ClusterMismatch(format!(
+                        "{addr} belongs to cluster {id}, not {known}"
+                    )));
+                }
+                self.inner.cluster_id.store(id, Ordering::Relaxed);
                 let Some(leader) = resp.leader.filter(|l| !l.client_addr.is_empty()) else {
                     last_err = format!("{addr}: no leader elected yet");
                     continue;

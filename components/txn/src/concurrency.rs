@@ -120,6 +120,18 @@ impl ConcurrencyManager {
     /// The first key in `[start, end)` (empty `end` = unbounded) whose memory lock blocks a read
     /// at `read_ts`, with the writer's commit_ts (0 = not chosen yet).
     pub fn check_range(&self, start: &[u8], end: &[u8], read_ts: u64) -> Option<(Vec<u8>, u64)> {
+        self.check_range_except(start, end, read_ts, None)
+    }
+
+    /// [`ConcurrencyManager::check_range`] ignoring the memory lock of `except` (a command
+    /// that both writes some keys and reads a range around them).
+    pub fn check_range_except(
+        &self,
+        start: &[u8],
+        end: &[u8],
+        read_ts: u64,
+        except: Option<&MemoryLockGuard>,
+    ) -> Option<(Vec<u8>, u64)> {
         if !end.is_empty() && end <= start {
             return None;
         }
@@ -134,6 +146,7 @@ impl ConcurrencyManager {
             .find_map(|(k, locks)| {
                 locks
                     .iter()
+                    .filter(|l| !except.is_some_and(|g| Arc::ptr_eq(l, &g.lock)))
                     .find_map(|l| l.blocks(read_ts))
                     .map(|ts| (k.clone(), ts))
             })
@@ -167,17 +180,33 @@ impl ConcurrencyManager {
         read_ts: u64,
         timeout: Duration,
     ) -> Result<()> {
+        self.wait_range_clear_except(start, end, read_ts, timeout, None)
+            .await
+    }
+
+    /// [`ConcurrencyManager::wait_range_clear`] ignoring the memory lock of `except`.
+    pub async fn wait_range_clear_except(
+        &self,
+        start: &[u8],
+        end: &[u8],
+        read_ts: u64,
+        timeout: Duration,
+        except: Option<&MemoryLockGuard>,
+    ) -> Result<()> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let notified = self.inner.released.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if self.check_range(start, end, read_ts).is_none() {
+            if self
+                .check_range_except(start, end, read_ts, except)
+                .is_none()
+            {
                 return Ok(());
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
                 // One last look: the lock may have gone just now.
-                return match self.check_range(start, end, read_ts) {
+                return match self.check_range_except(start, end, read_ts, except) {
                     None => Ok(()),
                     Some((key, commit_ts)) => Err(Error::MemoryLocked { key, commit_ts }),
                 };

@@ -36,8 +36,8 @@ mod test_util;
 
 pub use actions::{
     acquire_pessimistic_lock, check_secondary_locks, check_txn_status, cleanup, commit,
-    pessimistic_rollback, plain_write, prewrite, resolve_lock, rollback, txn_heart_beat,
-    PrewriteParams, SecondaryLocksStatus, TxnStatus,
+    data_predecessor, pessimistic_rollback, plain_write, prewrite, prewrite_with_lease,
+    resolve_lock, rollback, txn_heart_beat, PrewriteParams, SecondaryLocksStatus, TxnStatus,
 };
 pub use concurrency::{ConcurrencyManager, MemoryLockGuard};
 pub use errors::{Error, Result};
@@ -46,5 +46,5 @@ pub use latch::{LatchGuard, Latches};
 pub use reader::{MvccReader, TxnCommitRecord};
 pub use txn::MvccTxn;
 pub use types::{
-    compose_ts, physical, Lock, LockType, Modify, Write, WriteType, SHORT_VALUE_MAX_LEN,
+    compose_ts, physical, KeyMeta, Lock, LockType, Modify, Write, WriteType, SHORT_VALUE_MAX_LEN,
 };

@@ -14,7 +14,7 @@ use atoll_engine::{EngineIterator, IterOptions, Snapshot, CF_DEFAULT, CF_LOCK, C
 use atoll_keys::{append_ts, data_key, decode_data_key, split_ts};
 
 use crate::errors::{Error, Result};
-use crate::types::{default_key, lock_key, Lock, LockType, Write, WriteType};
+use crate::types::{default_key, lock_key, KeyMeta, Lock, LockType, Write, WriteType};
 
 /// How many `next()` calls to try before falling back to a `seek()` when skipping versions.
 const SEEK_BOUND: usize = 8;
@@ -92,6 +92,9 @@ fn user_key_of(encoded: &[u8]) -> Result<Vec<u8>> {
     Ok(decode_data_key(encoded)?.0)
 }
 
+/// A live key at a timestamp: user key, value, and its version's metadata.
+pub type KeyVersion = (Vec<u8>, Vec<u8>, KeyMeta);
+
 /// Reads MVCC data from one snapshot. Every method is a pure read; nothing is cached.
 #[derive(Clone)]
 pub struct MvccReader<S: Snapshot> {
@@ -159,6 +162,21 @@ impl<S: Snapshot> MvccReader<S> {
         Ok(None)
     }
 
+    /// The newest data record (`Put` or `Delete`) of `user_key` with `commit_ts <= ts`,
+    /// skipping `Lock` and `Rollback` records: the predecessor a new write's key metadata
+    /// (etcd's create revision and version) continues from.
+    pub fn latest_data_write(&self, user_key: &[u8], ts: u64) -> Result<Option<(u64, Write)>> {
+        let (mut it, mut valid) = self.key_versions(&data_key(user_key), ts)?;
+        while valid {
+            let write = Write::decode(it.value())?;
+            if write.is_data_change() {
+                return Ok(Some((split_ts(it.key())?.1, write)));
+            }
+            valid = it.next()?;
+        }
+        Ok(None)
+    }
+
     /// Looks for the record of transaction `start_ts` on `user_key`, scanning the write records
     /// newest first from `u64::MAX` down to `commit_ts == start_ts` (a transaction with a smaller
     /// start_ts may commit after one with a larger start_ts, so the newest record is not enough).
@@ -217,13 +235,33 @@ impl<S: Snapshot> MvccReader<S> {
     /// Snapshot read of `user_key` at `ts` (`u64::MAX` = latest). A blocking lock (module doc)
     /// is [`Error::KeyIsLocked`].
     pub fn get(&self, user_key: &[u8], ts: u64, bypass_locks: &[u64]) -> Result<Option<Vec<u8>>> {
+        Ok(self
+            .get_with_meta(user_key, ts, bypass_locks, false)?
+            .map(|(v, _)| v))
+    }
+
+    /// [`MvccReader::get`] with the version's key metadata (and no value when `key_only`).
+    pub fn get_with_meta(
+        &self,
+        user_key: &[u8],
+        ts: u64,
+        bypass_locks: &[u64],
+        key_only: bool,
+    ) -> Result<Option<(Vec<u8>, KeyMeta)>> {
         if let Some(lock) = self.load_lock(user_key)? {
             if lock_blocks_read(&lock, ts, bypass_locks) {
                 return Err(Error::KeyIsLocked(lock.into_lock_info(user_key.to_vec())));
             }
         }
         match self.get_write(user_key, ts)? {
-            Some((_, write)) => Ok(Some(self.load_data(user_key, &write)?)),
+            Some((commit_ts, write)) => {
+                let value = if key_only {
+                    Vec::new()
+                } else {
+                    self.load_data(user_key, &write)?
+                };
+                Ok(Some((value, write.meta(commit_ts))))
+            }
             None => Ok(None),
         }
     }
@@ -247,27 +285,84 @@ impl<S: Snapshot> MvccReader<S> {
         reverse: bool,
         bypass_locks: &[u64],
     ) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        Ok(self
+            .scan_with_meta(start, end, limit, ts, key_only, reverse, bypass_locks)?
+            .into_iter()
+            .map(|(k, v, _)| (k, v))
+            .collect())
+    }
+
+    /// [`MvccReader::scan`] with each version's key metadata.
+    #[allow(clippy::too_many_arguments)]
+    pub fn scan_with_meta(
+        &self,
+        start: &[u8],
+        end: &[u8],
+        limit: usize,
+        ts: u64,
+        key_only: bool,
+        reverse: bool,
+        bypass_locks: &[u64],
+    ) -> Result<Vec<KeyVersion>> {
+        let limit = if limit == 0 { usize::MAX } else { limit };
+        let mut out = Vec::new();
+        self.walk(
+            start,
+            end,
+            ts,
+            reverse,
+            bypass_locks,
+            &mut |user_key, write, commit_ts| {
+                let value = if key_only {
+                    Vec::new()
+                } else {
+                    self.load_data(&user_key, &write)?
+                };
+                out.push((user_key, value, write.meta(commit_ts)));
+                Ok(out.len() < limit)
+            },
+        )?;
+        Ok(out)
+    }
+
+    /// How many live keys `[start, end)` holds at `ts` (locks checked as by a scan).
+    pub fn count(&self, start: &[u8], end: &[u8], ts: u64, bypass_locks: &[u64]) -> Result<u64> {
+        let mut n = 0u64;
+        self.walk(start, end, ts, false, bypass_locks, &mut |_, _, _| {
+            n += 1;
+            Ok(true)
+        })?;
+        Ok(n)
+    }
+
+    /// Visits the live keys of `[start, end)` at `ts` in order (reverse order with `reverse`):
+    /// `visit(user_key, visible Put record, its commit_ts)` until it returns `false`.
+    fn walk(
+        &self,
+        start: &[u8],
+        end: &[u8],
+        ts: u64,
+        reverse: bool,
+        bypass_locks: &[u64],
+        visit: &mut Visit<'_>,
+    ) -> Result<()> {
         let lower = data_key(start);
-        let upper = Some(atoll_keys::data_end_bound(end));
-        if upper.as_ref().is_some_and(|u| *u <= lower) {
-            return Ok(Vec::new());
+        let upper = atoll_keys::data_end_bound(end);
+        if upper <= lower {
+            return Ok(());
         }
-        let opts = IterOptions::new(Some(lower.clone()), upper);
-        let mut scanner = Scanner {
-            reader: self,
+        let opts = IterOptions::new(Some(lower.clone()), Some(upper));
+        let mut scanner: Scanner<S> = Scanner {
             writes: self.snapshot.iterator_cf(CF_WRITE, opts.clone())?,
             locks: self.snapshot.iterator_cf(CF_LOCK, opts)?,
             ts,
             bypass_locks,
         };
-        let limit = if limit == 0 { usize::MAX } else { limit };
-        let mut out = Vec::new();
         if reverse {
-            scanner.backward(limit, key_only, &mut out)?;
+            scanner.backward(visit)
         } else {
-            scanner.forward(&lower, limit, key_only, &mut out)?;
+            scanner.forward(&lower, visit)
         }
-        Ok(out)
     }
 
     /// Locks in `[start, end)` (empty `end` = unbounded) with `start_ts <= max_ts`, in key order,
@@ -301,9 +396,11 @@ impl<S: Snapshot> MvccReader<S> {
     }
 }
 
-/// The state of one [`MvccReader::scan`].
+/// What a scan does with each live key: `(user_key, visible Put, commit_ts)`; `false` stops.
+type Visit<'v> = dyn FnMut(Vec<u8>, Write, u64) -> Result<bool> + 'v;
+
+/// The state of one [`MvccReader::walk`].
 struct Scanner<'a, S: Snapshot> {
-    reader: &'a MvccReader<S>,
     writes: S::Iterator,
     locks: S::Iterator,
     ts: u64,
@@ -330,8 +427,8 @@ impl<S: Snapshot> Scanner<'_, S> {
     }
 
     /// With the write cursor on some version of `encoded`, finds the version visible at `ts`
-    /// (a `Put` or `None`), moving forward only within `encoded`'s versions.
-    fn visible_forward(&mut self, encoded: &[u8], mut valid: bool) -> Result<Option<Write>> {
+    /// (a `Put` and its commit_ts, or `None`), moving forward only within `encoded`'s versions.
+    fn visible_forward(&mut self, encoded: &[u8], mut valid: bool) -> Result<Option<(Write, u64)>> {
         let mut steps = 0;
         let mut seeked = false;
         while valid {
@@ -351,7 +448,7 @@ impl<S: Snapshot> Scanner<'_, S> {
             }
             let write = Write::decode(self.writes.value())?;
             match write.write_type {
-                WriteType::Put => return Ok(Some(write)),
+                WriteType::Put => return Ok(Some((write, commit_ts))),
                 WriteType::Delete => return Ok(None),
                 WriteType::Lock | WriteType::Rollback => valid = self.writes.next()?,
             }
@@ -379,35 +476,18 @@ impl<S: Snapshot> Scanner<'_, S> {
         Ok(self.writes.seek(&past_versions(encoded))?)
     }
 
-    fn emit(
-        &self,
-        encoded: &[u8],
-        write: Option<Write>,
-        key_only: bool,
-        out: &mut Vec<(Vec<u8>, Vec<u8>)>,
-    ) -> Result<()> {
-        if let Some(write) = write {
-            let user_key = user_key_of(encoded)?;
-            let value = if key_only {
-                Vec::new()
-            } else {
-                self.reader.load_data(&user_key, &write)?
-            };
-            out.push((user_key, value));
+    /// Hands a visible version to `visit`; whether to go on.
+    fn emit(encoded: &[u8], found: Option<(Write, u64)>, visit: &mut Visit<'_>) -> Result<bool> {
+        match found {
+            Some((write, commit_ts)) => visit(user_key_of(encoded)?, write, commit_ts),
+            None => Ok(true),
         }
-        Ok(())
     }
 
-    fn forward(
-        &mut self,
-        lower: &[u8],
-        limit: usize,
-        key_only: bool,
-        out: &mut Vec<(Vec<u8>, Vec<u8>)>,
-    ) -> Result<()> {
+    fn forward(&mut self, lower: &[u8], visit: &mut Visit<'_>) -> Result<()> {
         let mut w_valid = self.writes.seek(lower)?;
         let mut l_valid = self.locks.seek(lower)?;
-        while out.len() < limit {
+        loop {
             let w_key = self.write_user(w_valid)?;
             let l_key = if l_valid {
                 Some(self.locks.key().to_vec())
@@ -425,23 +505,20 @@ impl<S: Snapshot> Scanner<'_, S> {
                 l_valid = self.locks.next()?;
             }
             if w_key.as_ref() == Some(&cur) {
-                let write = self.visible_forward(&cur, w_valid)?;
+                let found = self.visible_forward(&cur, w_valid)?;
                 w_valid = self.skip_forward_past(&cur)?;
-                self.emit(&cur, write, key_only, out)?;
+                if !Self::emit(&cur, found, visit)? {
+                    break;
+                }
             }
         }
         Ok(())
     }
 
-    fn backward(
-        &mut self,
-        limit: usize,
-        key_only: bool,
-        out: &mut Vec<(Vec<u8>, Vec<u8>)>,
-    ) -> Result<()> {
+    fn backward(&mut self, visit: &mut Visit<'_>) -> Result<()> {
         let mut w_valid = self.writes.seek_to_last()?;
         let mut l_valid = self.locks.seek_to_last()?;
-        while out.len() < limit {
+        loop {
             let w_key = self.write_user(w_valid)?;
             let l_key = if l_valid {
                 Some(self.locks.key().to_vec())
@@ -463,9 +540,11 @@ impl<S: Snapshot> Scanner<'_, S> {
                 // then jump before the key's first version (`cur` itself sorts before all of
                 // them and after every smaller key's versions).
                 let valid = self.writes.seek(&append_ts(cur.clone(), self.ts))?;
-                let write = self.visible_forward(&cur, valid)?;
+                let found = self.visible_forward(&cur, valid)?;
                 w_valid = self.writes.seek_for_prev(&cur)?;
-                self.emit(&cur, write, key_only, out)?;
+                if !Self::emit(&cur, found, visit)? {
+                    break;
+                }
             }
         }
         Ok(())

@@ -102,7 +102,11 @@ impl MvccTxn {
     /// Fails with [`Error::CommitTsExpired`] (and changes nothing) if `commit_ts` is below a
     /// lock's `min_commit_ts`: the caller must commit at the maximum `min_commit_ts` returned by
     /// the prewrites.
-    pub fn commit_one_pc(&mut self, commit_ts: u64) -> Result<()> {
+    pub fn commit_one_pc<S: atoll_engine::Snapshot>(
+        &mut self,
+        reader: &crate::MvccReader<S>,
+        commit_ts: u64,
+    ) -> Result<()> {
         if let Some((key, lock)) = self
             .one_pc_locks
             .iter()
@@ -122,7 +126,12 @@ impl MvccTxn {
                 debug_assert!(lock.lock_type != LockType::Pessimistic);
                 continue;
             };
-            let mut write = Write::new(write_type, lock.start_ts, lock.short_value);
+            let prev = crate::actions::data_predecessor(reader, &key, write_type)?;
+            let mut write = Write::new(write_type, lock.start_ts, lock.short_value).with_meta(
+                prev.as_ref(),
+                commit_ts,
+                lock.lease,
+            );
             write.has_overlapped_rollback = lock.rollback_ts.contains(&commit_ts);
             self.put_write(&key, commit_ts, &write);
         }
@@ -195,6 +204,11 @@ mod tests {
         assert_eq!(m.iter().map(Modify::size).sum::<usize>(), size);
     }
 
+    fn empty_reader() -> crate::MvccReader<atoll_engine::memory::MemorySnapshot> {
+        use atoll_engine::KvEngine;
+        crate::MvccReader::new(atoll_engine::memory::MemoryEngine::new().snapshot())
+    }
+
     #[test]
     fn one_pc_commit_turns_locks_into_writes() {
         let mut txn = MvccTxn::new(10);
@@ -213,14 +227,14 @@ mod tests {
         assert!(txn.modifies().is_empty() && !txn.is_empty());
 
         assert!(matches!(
-            txn.commit_one_pc(14),
+            txn.commit_one_pc(&empty_reader(), 14),
             Err(Error::CommitTsExpired {
                 min_commit_ts: 15,
                 ..
             })
         ));
         assert_eq!(txn.one_pc_locks().len(), 3);
-        txn.commit_one_pc(15).unwrap();
+        txn.commit_one_pc(&empty_reader(), 15).unwrap();
         assert!(txn.one_pc_locks().is_empty());
         let m = txn.into_modifies();
         let writes: Vec<(Vec<u8>, Write)> = m
@@ -238,7 +252,8 @@ mod tests {
             vec![
                 (
                     write_key(b"a", 15),
-                    Write::new(WriteType::Put, 10, Some(b"v".to_vec()))
+                    // A first write: created at its commit, version 1.
+                    Write::new(WriteType::Put, 10, Some(b"v".to_vec())).with_meta(None, 15, 0)
                 ),
                 (write_key(b"b", 15), Write::new(WriteType::Delete, 10, None)),
                 (write_key(b"c", 15), Write::new(WriteType::Lock, 10, None)),

@@ -190,6 +190,8 @@ pub struct Lock {
     /// Start timestamps of other transactions rolled back on this key while this lock was held;
     /// if this lock commits at one of them, its write record carries the overlapped rollback.
     pub rollback_ts: Vec<u64>,
+    /// For a `Put`: the lease the key is to be attached to, 0 for none.
+    pub lease: u64,
 }
 
 const LOCK_FORMAT_V1: u8 = 1;
@@ -197,8 +199,12 @@ const LOCK_FLAG_SHORT_VALUE: u8 = 1;
 const LOCK_FLAG_ASYNC_COMMIT: u8 = 1 << 1;
 const LOCK_FLAG_SECONDARIES: u8 = 1 << 2;
 const LOCK_FLAG_ROLLBACK_TS: u8 = 1 << 3;
-const LOCK_KNOWN_FLAGS: u8 =
-    LOCK_FLAG_SHORT_VALUE | LOCK_FLAG_ASYNC_COMMIT | LOCK_FLAG_SECONDARIES | LOCK_FLAG_ROLLBACK_TS;
+const LOCK_FLAG_LEASE: u8 = 1 << 4;
+const LOCK_KNOWN_FLAGS: u8 = LOCK_FLAG_SHORT_VALUE
+    | LOCK_FLAG_ASYNC_COMMIT
+    | LOCK_FLAG_SECONDARIES
+    | LOCK_FLAG_ROLLBACK_TS
+    | LOCK_FLAG_LEASE;
 
 impl Lock {
     /// A lock with the given identity and every optional field empty.
@@ -215,6 +221,7 @@ impl Lock {
             use_async_commit: false,
             secondaries: Vec::new(),
             rollback_ts: Vec::new(),
+            lease: 0,
         }
     }
 
@@ -230,7 +237,7 @@ impl Lock {
 
     /// Version 1 layout: `[1, lock_type, flags]`, varints `start_ts ttl for_update_ts txn_size
     /// min_commit_ts`, `primary` (varint length + bytes), then per flag: short value,
-    /// secondaries (varint count, each length-prefixed), rollback_ts (varint count, varints).
+    /// secondaries (varint count, each length-prefixed), rollback_ts (varint count, varints), lease (varint).
     pub fn encode(&self) -> Vec<u8> {
         let mut flags = 0;
         if self.short_value.is_some() {
@@ -244,6 +251,9 @@ impl Lock {
         }
         if !self.rollback_ts.is_empty() {
             flags |= LOCK_FLAG_ROLLBACK_TS;
+        }
+        if self.lease != 0 {
+            flags |= LOCK_FLAG_LEASE;
         }
         let mut out = Vec::with_capacity(
             32 + self.primary.len() + self.short_value.as_ref().map_or(0, |v| v.len() + 2),
@@ -275,6 +285,9 @@ impl Lock {
             for ts in &self.rollback_ts {
                 put_varint(&mut out, *ts);
             }
+        }
+        if self.lease != 0 {
+            put_varint(&mut out, self.lease);
         }
         out
     }
@@ -320,6 +333,11 @@ impl Lock {
                 rollback_ts.push(d.varint()?);
             }
         }
+        let lease = if flags & LOCK_FLAG_LEASE != 0 {
+            d.varint()?
+        } else {
+            0
+        };
         d.finish()?;
         Ok(Lock {
             lock_type,
@@ -333,6 +351,7 @@ impl Lock {
             use_async_commit: flags & LOCK_FLAG_ASYNC_COMMIT != 0,
             secondaries,
             rollback_ts,
+            lease,
         })
     }
 
@@ -405,14 +424,38 @@ pub struct Write {
     pub has_overlapped_rollback: bool,
     /// For a `Rollback`: it must not be collapsed (removed when a newer rollback is written).
     pub protected: bool,
+    /// For a `Put`: the commit timestamp of the key's first write since it last did not exist
+    /// (etcd's `create_revision`); 0 on other records.
+    pub create_ts: u64,
+    /// For a `Put`: writes of the key since it last did not exist, this one included (etcd's
+    /// `version`); 0 on other records.
+    pub version: u64,
+    /// For a `Put`: the lease the key is attached to (etcd's `lease`), 0 for none.
+    pub lease: u64,
+}
+
+/// What etcd calls a key's metadata, as of one version of it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KeyMeta {
+    /// Commit timestamp of the key's first write since it last did not exist.
+    pub create_ts: u64,
+    /// Commit timestamp of this version.
+    pub mod_ts: u64,
+    /// Writes since creation, this one included (1 for a key just created).
+    pub version: u64,
+    /// Attached lease, 0 for none.
+    pub lease: u64,
 }
 
 const WRITE_FORMAT_V1: u8 = 1;
 const WRITE_FLAG_SHORT_VALUE: u8 = 1;
 const WRITE_FLAG_OVERLAPPED_ROLLBACK: u8 = 1 << 1;
 const WRITE_FLAG_PROTECTED: u8 = 1 << 2;
-const WRITE_KNOWN_FLAGS: u8 =
-    WRITE_FLAG_SHORT_VALUE | WRITE_FLAG_OVERLAPPED_ROLLBACK | WRITE_FLAG_PROTECTED;
+const WRITE_FLAG_KEY_META: u8 = 1 << 3;
+const WRITE_KNOWN_FLAGS: u8 = WRITE_FLAG_SHORT_VALUE
+    | WRITE_FLAG_OVERLAPPED_ROLLBACK
+    | WRITE_FLAG_PROTECTED
+    | WRITE_FLAG_KEY_META;
 
 impl Write {
     /// A write record with no flags set.
@@ -423,17 +466,49 @@ impl Write {
             short_value,
             has_overlapped_rollback: false,
             protected: false,
+            create_ts: 0,
+            version: 0,
+            lease: 0,
         }
     }
 
     /// A rollback record of transaction `start_ts`.
     pub fn new_rollback(start_ts: u64, protected: bool) -> Write {
         Write {
-            write_type: WriteType::Rollback,
-            start_ts,
-            short_value: None,
-            has_overlapped_rollback: false,
             protected,
+            ..Write::new(WriteType::Rollback, start_ts, None)
+        }
+    }
+
+    /// Sets the key metadata of a data record committed at `commit_ts`, after `prev` (the
+    /// key's newest data record before it: `Put` or `Delete`, or none). A `Put` after a `Put`
+    /// continues its history; after a `Delete` or nothing it starts one (created at
+    /// `commit_ts`, version 1). Other records carry none.
+    pub fn with_meta(mut self, prev: Option<&Write>, commit_ts: u64, lease: u64) -> Write {
+        if self.write_type != WriteType::Put {
+            return self;
+        }
+        match prev {
+            Some(p) if p.write_type == WriteType::Put && p.version > 0 => {
+                self.create_ts = p.create_ts;
+                self.version = p.version + 1;
+            }
+            _ => {
+                self.create_ts = commit_ts;
+                self.version = 1;
+            }
+        }
+        self.lease = lease;
+        self
+    }
+
+    /// The metadata of this record as the version committed at `commit_ts`.
+    pub fn meta(&self, commit_ts: u64) -> KeyMeta {
+        KeyMeta {
+            create_ts: self.create_ts,
+            mod_ts: commit_ts,
+            version: self.version,
+            lease: self.lease,
         }
     }
 
@@ -448,7 +523,8 @@ impl Write {
     }
 
     /// Version 1 layout: `[1, write_type, flags]`, varint `start_ts`, then the short value
-    /// (varint length + bytes) when its flag is set.
+    /// (varint length + bytes) when its flag is set, then varints `create_ts version lease`
+    /// when the key-meta flag is set (a `Put` with a version).
     pub fn encode(&self) -> Vec<u8> {
         let mut flags = 0;
         if self.short_value.is_some() {
@@ -460,13 +536,22 @@ impl Write {
         if self.protected {
             flags |= WRITE_FLAG_PROTECTED;
         }
-        let mut out = Vec::with_capacity(16 + self.short_value.as_ref().map_or(0, |v| v.len() + 2));
+        let has_meta = self.version != 0;
+        if has_meta {
+            flags |= WRITE_FLAG_KEY_META;
+        }
+        let mut out = Vec::with_capacity(40 + self.short_value.as_ref().map_or(0, |v| v.len() + 2));
         out.push(WRITE_FORMAT_V1);
         out.push(self.write_type.to_byte());
         out.push(flags);
         put_varint(&mut out, self.start_ts);
         if let Some(v) = &self.short_value {
             put_bytes(&mut out, v);
+        }
+        if has_meta {
+            put_varint(&mut out, self.create_ts);
+            put_varint(&mut out, self.version);
+            put_varint(&mut out, self.lease);
         }
         out
     }
@@ -491,6 +576,11 @@ impl Write {
         } else {
             None
         };
+        let (create_ts, version, lease) = if flags & WRITE_FLAG_KEY_META != 0 {
+            (d.varint()?, d.varint()?, d.varint()?)
+        } else {
+            (0, 0, 0)
+        };
         d.finish()?;
         Ok(Write {
             write_type,
@@ -498,6 +588,9 @@ impl Write {
             short_value,
             has_overlapped_rollback: flags & WRITE_FLAG_OVERLAPPED_ROLLBACK != 0,
             protected: flags & WRITE_FLAG_PROTECTED != 0,
+            create_ts,
+            version,
+            lease,
         })
     }
 }
@@ -613,6 +706,7 @@ mod tests {
             use_async_commit: true,
             secondaries: vec![b"s1".to_vec(), Vec::new(), vec![0xff; 300]],
             rollback_ts: vec![0, 1, u64::MAX],
+            lease: 0x1234_5678_9abc,
         }
     }
 
@@ -650,12 +744,42 @@ mod tests {
                 has_overlapped_rollback: true,
                 ..Write::new(WriteType::Put, 3, Some(vec![1; SHORT_VALUE_MAX_LEN]))
             },
+            Write::new(WriteType::Put, 3, Some(b"v".to_vec())).with_meta(None, 10, 0),
+            Write::new(WriteType::Put, 3, None).with_meta(None, u64::MAX, u64::MAX),
         ];
         for w in cases {
             assert_eq!(Write::decode(&w.encode()).unwrap(), w);
         }
         assert!(Write::new_rollback(1, true).is_protected());
         assert!(!Write::new_rollback(1, false).is_protected());
+    }
+
+    /// etcd's create_revision / version rules: a put after a put continues the key's history,
+    /// after a delete (or nothing) starts a new one; deletes and locks carry none.
+    #[test]
+    fn key_meta_follows_etcd() {
+        let first = Write::new(WriteType::Put, 1, None).with_meta(None, 10, 7);
+        assert_eq!(
+            first.meta(10),
+            KeyMeta {
+                create_ts: 10,
+                mod_ts: 10,
+                version: 1,
+                lease: 7
+            }
+        );
+        let second = Write::new(WriteType::Put, 11, None).with_meta(Some(&first), 20, 0);
+        assert_eq!((second.create_ts, second.version, second.lease), (10, 2, 0));
+        let del = Write::new(WriteType::Delete, 21, None).with_meta(Some(&second), 30, 0);
+        assert_eq!((del.create_ts, del.version), (0, 0));
+        let again = Write::new(WriteType::Put, 31, None).with_meta(Some(&del), 40, 0);
+        assert_eq!((again.create_ts, again.version), (40, 1));
+        let lock = Write::new(WriteType::Lock, 41, None).with_meta(Some(&again), 50, 0);
+        assert_eq!(lock.version, 0);
+        // A record written without metadata (older code) starts a new history.
+        let legacy = Write::new(WriteType::Put, 1, None);
+        let after = Write::new(WriteType::Put, 2, None).with_meta(Some(&legacy), 60, 0);
+        assert_eq!((after.create_ts, after.version), (60, 1));
     }
 
     #[test]

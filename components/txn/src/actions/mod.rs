@@ -110,6 +110,18 @@ pub fn prewrite<S: Snapshot>(
     mutation: (Op, &[u8], &[u8]),
     is_pessimistic_lock: bool,
 ) -> Result<u64> {
+    prewrite_with_lease(txn, reader, params, mutation, 0, is_pessimistic_lock)
+}
+
+/// [`prewrite`] of a `Put` that attaches the key to `lease` (etcd's leases) when it commits.
+pub fn prewrite_with_lease<S: Snapshot>(
+    txn: &mut MvccTxn,
+    reader: &MvccReader<S>,
+    params: &PrewriteParams,
+    mutation: (Op, &[u8], &[u8]),
+    lease: u64,
+    is_pessimistic_lock: bool,
+) -> Result<u64> {
     fail::fail_point!(FP_PREWRITE, |msg| Err(Error::Other(format!(
         "failpoint {FP_PREWRITE}: {}",
         msg.unwrap_or_default()
@@ -233,6 +245,9 @@ pub fn prewrite<S: Snapshot>(
     lock.txn_size = params.txn_size;
     lock.min_commit_ts = final_min_commit_ts;
     lock.rollback_ts = rollback_ts;
+    if lock_type == LockType::Put {
+        lock.lease = lease;
+    }
     if params.use_async_commit {
         lock.use_async_commit = true;
         if key == params.primary.as_slice() {
@@ -338,7 +353,12 @@ pub fn commit<S: Snapshot>(
                     min_commit_ts: lock.min_commit_ts.max(start_ts + 1),
                 });
             }
-            let mut write = Write::new(write_type, start_ts, lock.short_value);
+            let prev = data_predecessor(reader, key, write_type)?;
+            let mut write = Write::new(write_type, start_ts, lock.short_value).with_meta(
+                prev.as_ref(),
+                commit_ts,
+                lock.lease,
+            );
             write.has_overlapped_rollback = lock.rollback_ts.contains(&commit_ts);
             txn.put_write(key, commit_ts, &write);
             txn.unlock(key);
@@ -853,6 +873,7 @@ pub fn plain_write<S: Snapshot>(
     reader: &MvccReader<S>,
     key: &[u8],
     value: Option<Vec<u8>>,
+    lease: u64,
     commit_ts: u64,
 ) -> Result<()> {
     if let Some(lock) = reader.load_lock(key)? {
@@ -872,8 +893,27 @@ pub fn plain_write<S: Snapshot>(
         }
         None => Write::new(WriteType::Delete, start_ts, None),
     };
-    txn.put_write(key, commit_ts, &write);
+    let prev = data_predecessor(reader, key, write.write_type)?;
+    txn.put_write(
+        key,
+        commit_ts,
+        &write.with_meta(prev.as_ref(), commit_ts, lease),
+    );
     Ok(())
+}
+
+/// The newest data record a new write of `key` follows, when that write needs its metadata
+/// (a `Put`). The caller holds the key (its lock or latch), so no other write can commit
+/// between that record and the new one.
+pub fn data_predecessor<S: Snapshot>(
+    reader: &MvccReader<S>,
+    key: &[u8],
+    write_type: WriteType,
+) -> Result<Option<Write>> {
+    if write_type != WriteType::Put {
+        return Ok(None);
+    }
+    Ok(reader.latest_data_write(key, u64::MAX)?.map(|(_, w)| w))
 }
 
 #[cfg(test)]

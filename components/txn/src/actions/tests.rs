@@ -462,7 +462,7 @@ fn one_phase_commit() {
     assert_eq!(txn.one_pc_locks().len(), 4);
     // Only the big value has been buffered; nothing in CF_LOCK.
     assert!(txn.modifies().iter().all(|m| m.cf() == CF_DEFAULT));
-    txn.commit_one_pc(max_min_commit_ts).unwrap();
+    txn.commit_one_pc(&reader, max_min_commit_ts).unwrap();
     must_apply(&e, txn.into_modifies());
     for k in [&b"a"[..], b"b", b"c", b"d"] {
         must_unlocked(&e, k);
@@ -511,7 +511,7 @@ fn one_phase_commit_of_a_pessimistic_transaction() {
     let mut txn = MvccTxn::new(10);
     let m = prewrite(&mut txn, &r, &p, (Op::Put, b"k", b"v"), true).unwrap();
     assert_eq!(m, 13, "above for_update_ts");
-    txn.commit_one_pc(m).unwrap();
+    txn.commit_one_pc(&r, m).unwrap();
     must_apply(&e, txn.into_modifies());
     must_unlocked(&e, b"k");
     assert_eq!(must_get(&e, b"k", 13), Some(b"v".to_vec()));
@@ -624,6 +624,7 @@ fn pessimistic_lock_then_prewrite_then_commit() {
             r,
             b"k",
             Some(b"p".to_vec()),
+            0,
             51
         )),
         Err(Error::KeyIsLocked(_))
@@ -806,30 +807,87 @@ fn heart_beat() {
 fn plain_writes() {
     let e = engine();
     run(&e, 9, |txn, r| {
-        plain_write(txn, r, b"k", Some(b"v".to_vec()), 10)
+        plain_write(txn, r, b"k", Some(b"v".to_vec()), 0, 10)
     })
     .unwrap();
     assert_eq!(must_get(&e, b"k", 10), Some(b"v".to_vec()));
     run(&e, 19, |txn, r| {
-        plain_write(txn, r, b"k", Some(big(b'g')), 20)
+        plain_write(txn, r, b"k", Some(big(b'g')), 0, 20)
     })
     .unwrap();
     assert_eq!(must_get(&e, b"k", 20), Some(big(b'g')));
     assert_eq!(default_value(&e, b"k", 19), Some(big(b'g')));
-    run(&e, 29, |txn, r| plain_write(txn, r, b"k", None, 30)).unwrap();
+    run(&e, 29, |txn, r| plain_write(txn, r, b"k", None, 0, 30)).unwrap();
     assert_eq!(must_get(&e, b"k", 30), None);
     assert_eq!(must_get(&e, b"k", 25), Some(big(b'g')));
     assert_eq!(reader(&e).latest_commit_ts(b"k").unwrap(), Some(30));
     // A Lock-type lock blocks plain writes too (any lock does).
     must_prewrite_lock(&e, b"k", b"k", 40);
     assert!(matches!(
-        run(&e, 41, |txn, r| plain_write(txn, r, b"k", None, 42)),
+        run(&e, 41, |txn, r| plain_write(txn, r, b"k", None, 0, 42)),
         Err(Error::KeyIsLocked(_))
     ));
     assert!(matches!(
-        run(&e, 50, |txn, r| plain_write(txn, r, b"z", None, 50)),
+        run(&e, 50, |txn, r| plain_write(txn, r, b"z", None, 0, 50)),
         Err(Error::Other(_))
     ));
+}
+
+/// Every write path keeps etcd's key metadata: create timestamp, version (writes since the key
+/// last did not exist) and lease — plain writes, two-phase commits, one-phase commits.
+#[test]
+fn write_paths_keep_key_metadata() {
+    let e = engine();
+    let meta = |key: &[u8], ts: u64| {
+        reader(&e)
+            .get_with_meta(key, ts, &[], true)
+            .unwrap()
+            .map(|(_, m)| m)
+    };
+    run(&e, 9, |txn, r| {
+        plain_write(txn, r, b"k", Some(b"a".to_vec()), 7, 10)
+    })
+    .unwrap();
+    let m = meta(b"k", u64::MAX).unwrap();
+    assert_eq!((m.create_ts, m.mod_ts, m.version, m.lease), (10, 10, 1, 7));
+    // Two phases: prewrite, a rollback record of someone else in between, commit.
+    must_prewrite_put(&e, b"k", &big(b'b'), b"k", 20);
+    must_commit(&e, b"k", 20, 21);
+    let m = meta(b"k", u64::MAX).unwrap();
+    assert_eq!((m.create_ts, m.mod_ts, m.version, m.lease), (10, 21, 2, 0));
+    // A lock-only record does not count as a write.
+    must_prewrite_lock(&e, b"k", b"k", 30);
+    must_commit(&e, b"k", 30, 31);
+    assert_eq!(meta(b"k", u64::MAX).unwrap().version, 2);
+    // One phase.
+    let mut p = params(b"k", 40);
+    p.one_pc = true;
+    let r = reader(&e);
+    let mut txn = MvccTxn::new(40);
+    let m = prewrite_with_lease(&mut txn, &r, &p, (Op::Put, b"k", b"c"), 9, false).unwrap();
+    txn.commit_one_pc(&r, m.max(41)).unwrap();
+    must_apply(&e, txn.into_modifies());
+    let m = meta(b"k", u64::MAX).unwrap();
+    assert_eq!((m.create_ts, m.version, m.lease), (10, 3, 9));
+    // Deleted, then created again: a new history.
+    run(&e, 49, |txn, r| plain_write(txn, r, b"k", None, 0, 50)).unwrap();
+    assert_eq!(meta(b"k", u64::MAX), None);
+    run(&e, 59, |txn, r| {
+        plain_write(txn, r, b"k", Some(b"d".to_vec()), 0, 60)
+    })
+    .unwrap();
+    let m = meta(b"k", u64::MAX).unwrap();
+    assert_eq!((m.create_ts, m.mod_ts, m.version), (60, 60, 1));
+    // Older versions keep theirs.
+    assert_eq!(meta(b"k", 21).unwrap().version, 2);
+    // And scans report the same.
+    let scanned = reader(&e)
+        .scan_with_meta(b"", b"", 0, u64::MAX, false, false, &[])
+        .unwrap();
+    assert_eq!(scanned.len(), 1);
+    assert_eq!(scanned[0].2, meta(b"k", u64::MAX).unwrap());
+    assert_eq!(reader(&e).count(b"", b"", u64::MAX, &[]).unwrap(), 1);
+    assert_eq!(reader(&e).count(b"", b"", 55, &[]).unwrap(), 0);
 }
 
 #[test]

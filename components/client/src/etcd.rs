@@ -1,0 +1,197 @@
+//! The region-level calls of the etcd API: a range read at a timestamp across the regions of
+//! a key range, and an etcd txn (Put, DeleteRange and Txn travel as txns) on the one region
+//! holding everything it touches. The etcd layer (`atoll-etcd`) builds etcd's answers on
+//! these; routing, region errors and lock resolution are handled here as for every call.
+
+use crate::{lock_resolver, Client, Error, Locate, Result};
+use atoll_proto::etcdserverpb::TxnResponse;
+use atoll_proto::kvrpcpb;
+use atoll_proto::metapb;
+use atoll_proto::mvccpb::KeyValue;
+
+/// What an etcd txn sent to one region came back with.
+#[derive(Debug)]
+pub enum EtcdTxnOutcome {
+    /// Done (or decided without writing): etcd's answer, its header revision set.
+    Done(TxnResponse),
+    /// etcd refused it: the gRPC code and etcd's message.
+    Refused(kvrpcpb::EtcdError),
+    /// What it touches is not (or no longer) in one region.
+    SpansRegions,
+}
+
+/// Whether `[start, end)` (empty `end`: unbounded) lies in `region`.
+pub fn range_in_region(start: &[u8], end: &[u8], region: &metapb::Region) -> bool {
+    if !atoll_keys::in_range(start, &region.start_key, &region.end_key) {
+        return false;
+    }
+    region.end_key.is_empty() || (!end.is_empty() && end <= region.end_key.as_slice())
+}
+
+impl Client {
+    /// The live keys of `[start, end)` (empty `end`: unbounded) at `version`, in key order,
+    /// with etcd's metadata: at most `limit` of them (0 = all; none with `count_only`), and
+    /// the count of every key in the range.
+    pub async fn etcd_range(
+        &self,
+        start: &[u8],
+        end: &[u8],
+        version: u64,
+        limit: u64,
+        keys_only: bool,
+        count_only: bool,
+    ) -> Result<(Vec<KeyValue>, u64)> {
+        self.etcd_range_bypassing(start, end, version, limit, keys_only, count_only, vec![])
+            .await
+    }
+
+    /// [`Client::etcd_range`], ignoring the locks of the transactions in `bypass` (a
+    /// transaction reading past its own locks).
+    #[allow(clippy::too_many_arguments)]
+    pub async fn etcd_range_bypassing(
+        &self,
+        start: &[u8],
+        end: &[u8],
+        version: u64,
+        limit: u64,
+        keys_only: bool,
+        count_only: bool,
+        mut bypass: Vec<u64>,
+    ) -> Result<(Vec<KeyValue>, u64)> {
+        let deadline = self.deadline();
+        let mut backoff = self.backoff(deadline);
+        let mut kvs: Vec<KeyValue> = vec![];
+        let mut count = 0u64;
+        let mut cursor = start.to_vec();
+        loop {
+            let full = count_only || (limit > 0 && kvs.len() as u64 >= limit);
+            let want = if full || limit == 0 {
+                0
+            } else {
+                limit - kvs.len() as u64
+            };
+            let cur = cursor.clone();
+            let (region, resp) = self
+                .call(Locate::Key(&cursor), deadline, |mut c, mut ctx, region| {
+                    ctx.resolved_locks = bypass.clone();
+                    let r = &region.region;
+                    let e = if r.end_key.is_empty()
+                        || (!end.is_empty() && end < r.end_key.as_slice())
+                    {
+                        end.to_vec()
+                    } else {
+                        r.end_key.clone()
+                    };
+                    let req = kvrpcpb::EtcdRangeRequest {
+                        context: Some(ctx),
+                        start_key: cur.clone(),
+                        end_key: e,
+                        version,
+                        limit: want,
+                        keys_only,
+                        count_only: full,
+                    };
+                    async move { c.etcd_range(req).await }
+                })
+                .await?;
+            if let Some(e) = resp.error {
+                match e.locked {
+                    Some(lock) => {
+                        lock_resolver::resolve_and_wait(
+                            self,
+                            lock,
+                            version,
+                            deadline,
+                            &mut bypass,
+                            &mut backoff,
+                            "range stayed locked",
+                        )
+                        .await?;
+                        continue;
+                    }
+                    None => return Err(crate::errors::key_error(e)),
+                }
+            }
+            count += resp.count;
+            kvs.extend(resp.kvs);
+            let r = region.region;
+            if r.end_key.is_empty() || (!end.is_empty() && r.end_key.as_slice() >= end) {
+                return Ok((kvs, count));
+            }
+            cursor = r.end_key;
+        }
+    }
+
+    /// Runs an etcd txn on the region holding `key`, if everything it touches (`ranges`,
+    /// Atoll's `[start, end)` convention) lies in that region. `start_ts` identifies it:
+    /// retries after a lost answer are recognised by the store and answered the same.
+    pub async fn etcd_txn(
+        &self,
+        key: &[u8],
+        ranges: &[(Vec<u8>, Vec<u8>)],
+        txn: atoll_proto::etcdserverpb::TxnRequest,
+        start_ts: u64,
+    ) -> Result<EtcdTxnOutcome> {
+        let deadline = self.deadline();
+        let mut backoff = self.backoff(deadline);
+        let mut bypass: Vec<u64> = vec![];
+        loop {
+            let (region, resp) = self
+                .call(Locate::Key(key), deadline, |mut c, mut ctx, region| {
+                    ctx.resolved_locks = bypass.clone();
+                    let spans = ranges
+                        .iter()
+                        .any(|(s, e)| !range_in_region(s, e, &region.region));
+                    let req = kvrpcpb::EtcdTxnRequest {
+                        context: Some(ctx),
+                        txn: Some(txn.clone()),
+                        start_version: start_ts,
+                    };
+                    async move {
+                        if spans {
+                            // Not sent: the caller takes the multi-region path.
+                            return Ok(tonic::Response::new(kvrpcpb::EtcdTxnResponse::default()));
+                        }
+                        c.etcd_txn(req).await
+                    }
+                })
+                .await?;
+            if ranges
+                .iter()
+                .any(|(s, e)| !range_in_region(s, e, &region.region))
+            {
+                return Ok(EtcdTxnOutcome::SpansRegions);
+            }
+            if let Some(e) = resp.etcd_error {
+                return Ok(EtcdTxnOutcome::Refused(e));
+            }
+            if let Some(e) = resp.error {
+                match e.locked {
+                    Some(lock) => {
+                        lock_resolver::resolve_and_wait(
+                            self,
+                            lock,
+                            0,
+                            deadline,
+                            &mut bypass,
+                            &mut backoff,
+                            "keys stayed locked",
+                        )
+                        .await?;
+                        continue;
+                    }
+                    None => return Err(crate::errors::key_error(e)),
+                }
+            }
+            return match resp.txn {
+                Some(t) => Ok(EtcdTxnOutcome::Done(t)),
+                None => Err(Error::Server("etcd txn answered without a result".into())),
+            };
+        }
+    }
+
+    /// A unique timestamp identifying one write (see [`Client::etcd_txn`]).
+    pub async fn write_id(&self) -> Result<u64> {
+        self.unique_ts().await
+    }
+}

@@ -1,0 +1,43 @@
+//! etcd's v3 API on a storage node: the gRPC services etcd clients speak (etcdctl and every
+//! etcd client library) and etcd's HTTP/JSON gateway, both on the store's own port. See
+//! `docs/etcd.md` for what is served and every difference from etcd.
+//!
+//! | module | owns |
+//! | --- | --- |
+//! | [`context`] | [`EtcdContext`]: store id, PD, the user client KV requests go through, this store's local figures ([`LocalStore`]) |
+//! | [`header`] | `ResponseHeader`: cluster id = PD's, member id = store id, revision = a PD timestamp, raft term |
+//! | [`errors`] | etcd's errors (`rpctypes`), exact codes and messages |
+//! | [`kv`] | the KV service (Range, Put, DeleteRange, Txn, Compact) |
+//! | [`cluster`] | the Cluster service: members are the Up stores |
+//! | [`maintenance`] | the Maintenance service: Status, Alarm, Defragment |
+//! | [`json`] | the gateway's JSON mapping (grpc-gateway v1 conventions) by proto reflection |
+//! | [`gateway`] | the HTTP routes: `POST /v3/...`, `GET /version`, `GET /health` |
+//! | [`server`] | gRPC and HTTP on one port, routed by content type |
+//!
+//! Invariants: a message etcd defines is never reworded (clients match errors by message);
+//! the gateway calls the same service objects as gRPC, so both answer alike.
+//!
+//! Wiring (storage-node): build an [`EtcdContext`], then pass the store's own gRPC services to
+//! [`server::routes`] and serve what it returns with `accept_http1(true)`.
+
+pub mod cluster;
+pub mod context;
+pub mod errors;
+pub mod gateway;
+pub mod header;
+pub mod json;
+pub mod kv;
+pub mod maintenance;
+pub mod server;
+
+pub use cluster::ClusterService;
+pub use context::{DbSize, EtcdContext, LocalStore, RaftStatus, RocksLocalStore};
+pub use kv::KvService;
+pub use maintenance::MaintenanceService;
+pub use server::{routes, EtcdServices};
+
+/// The etcd server version Atoll reports (Status, `/version`). Clients gate features on it.
+pub const ETCD_VERSION: &str = "3.5.17";
+
+/// The etcd cluster version Atoll reports (`/version`).
+pub const ETCD_CLUSTER_VERSION: &str = "3.5.0";

@@ -1,0 +1,305 @@
+//! etcd's API on real processes: `etcdctl` (3.4, Debian's etcd-client; `scripts/ensure-deps.sh`
+//! installs it) over gRPC, and the HTTP/JSON gateway on the same ports (issue: the etcd API).
+
+use atoll_tests::procs::{http, regions_healthy, ClusterOpts, ProcCluster};
+use atoll_tests::wait_until;
+use serde_json::Value;
+use std::collections::BTreeSet;
+use std::process::{Command, Output};
+use std::time::Duration;
+
+fn etcdctl(endpoints: &str, args: &[&str]) -> Output {
+    Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .arg(format!("--endpoints={endpoints}"))
+        .arg("--dial-timeout=5s")
+        .arg("--command-timeout=15s")
+        .args(args)
+        .output()
+        .expect("run etcdctl (Debian package etcd-client: scripts/ensure-deps.sh installs it)")
+}
+
+/// `etcdctl ARGS -w json`, parsed; the error output if it fails.
+fn etcdctl_json(endpoints: &str, args: &[&str]) -> Result<Value, String> {
+    let mut a = args.to_vec();
+    a.extend(["-w", "json"]);
+    let o = etcdctl(endpoints, &a);
+    if !o.status.success() {
+        return Err(format!(
+            "etcdctl {args:?} failed: {}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        ));
+    }
+    serde_json::from_slice(&o.stdout).map_err(|e| {
+        format!(
+            "etcdctl {args:?}: bad json {e}: {}",
+            String::from_utf8_lossy(&o.stdout)
+        )
+    })
+}
+
+/// An int64/uint64 the gateway writes: a decimal string.
+fn int_str(v: &Value) -> u64 {
+    v.as_str()
+        .unwrap_or_else(|| panic!("not an int64 string: {v}"))
+        .parse()
+        .unwrap_or_else(|e| panic!("{v}: {e}"))
+}
+
+fn must_http_json(addr: &str, method: &str, path: &str, body: &str) -> (u16, Value) {
+    let (code, text) = http(addr, method, path, body).unwrap_or_else(|e| panic!("{path}: {e}"));
+    let v =
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{path}: bad json {e}: {text:?}"));
+    (code, v)
+}
+
+fn three_stores() -> (ProcCluster, String, Vec<u64>) {
+    let c = ProcCluster::start(ClusterOpts {
+        pds: 1,
+        stores: 3,
+        ..Default::default()
+    });
+    c.wait_ready(Duration::from_secs(60));
+    let endpoints = c
+        .stores
+        .iter()
+        .map(|s| s.addr.clone())
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut ids = vec![];
+    let ok = wait_until(Duration::from_secs(60), || {
+        ids = (0..3).filter_map(|i| c.store_id_of(i)).collect();
+        ids.len() == 3
+    });
+    assert!(
+        ok,
+        "stores never all registered: {}",
+        c.kvctl_json(&["stores"])
+    );
+    // Every store hosts a peer (so has raft figures to report).
+    let ok = wait_until(Duration::from_secs(60), || {
+        regions_healthy(&c.kvctl_json(&["regions"]), 3)
+    });
+    assert!(
+        ok,
+        "regions never reached 3 peers: {}",
+        c.kvctl_json(&["regions"])
+    );
+    (c, endpoints, ids)
+}
+
+#[test]
+fn etcdctl_and_gateway_see_stores_as_members() {
+    let (c, endpoints, ids) = three_stores();
+    let want: BTreeSet<u64> = ids.iter().copied().collect();
+
+    // etcdctl member list (gRPC Cluster.MemberList).
+    let mut list = Value::Null;
+    let ok = wait_until(Duration::from_secs(30), || {
+        list = etcdctl_json(&endpoints, &["member", "list"]).unwrap_or_else(Value::from);
+        list["members"].as_array().map_or(0, |m| m.len()) == 3
+    });
+    assert!(ok, "member list never showed 3 members: {list}");
+    let cluster_id = list["header"]["cluster_id"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no cluster id: {list}"));
+    assert_ne!(cluster_id, 0, "{list}");
+    assert!(want.contains(&list["header"]["member_id"].as_u64().unwrap()));
+    let mut seen = BTreeSet::new();
+    for m in list["members"].as_array().unwrap() {
+        let id = m["ID"].as_u64().unwrap();
+        seen.insert(id);
+        assert_eq!(m["name"], format!("store-{id}"));
+        let addr = &c.stores[c.store_index_of(id).unwrap()].addr;
+        let url = format!("http://{addr}");
+        assert_eq!(m["clientURLs"], serde_json::json!([url]), "{m}");
+        assert_eq!(m["peerURLs"], serde_json::json!([url]), "{m}");
+    }
+    assert_eq!(seen, want);
+    let o = etcdctl(&endpoints, &["member", "list"]);
+    assert!(o.status.success());
+    assert_eq!(String::from_utf8_lossy(&o.stdout).lines().count(), 3);
+
+    // etcdctl endpoint status (Maintenance.Status on every endpoint): one leader for all.
+    let mut status = Value::Null;
+    let ok = wait_until(Duration::from_secs(30), || {
+        status = etcdctl_json(&endpoints, &["endpoint", "status"]).unwrap_or_else(Value::from);
+        let Some(eps) = status.as_array() else {
+            return false;
+        };
+        let leaders: BTreeSet<u64> = eps
+            .iter()
+            .map(|e| e["Status"]["leader"].as_u64().unwrap_or(0))
+            .collect();
+        // A store whose peers were just created has applied nothing yet: wait for it too.
+        let applied = eps
+            .iter()
+            .all(|e| e["Status"]["raftAppliedIndex"].as_u64().unwrap_or(0) > 0);
+        leaders.len() == 1 && leaders.iter().all(|l| want.contains(l)) && applied
+    });
+    assert!(ok, "endpoint status never agreed on a leader: {status}");
+    let eps = status.as_array().unwrap();
+    assert_eq!(eps.len(), 3);
+    for e in eps {
+        let addr = e["Endpoint"].as_str().unwrap();
+        let s = &e["Status"];
+        let id = c.store_id_of(c.stores.iter().position(|x| x.addr == addr).unwrap());
+        assert_eq!(s["header"]["member_id"].as_u64(), id, "{e}");
+        assert_eq!(s["header"]["cluster_id"].as_u64(), Some(cluster_id), "{e}");
+        assert!(s["header"]["revision"].as_u64().unwrap() > 0, "{e}");
+        assert!(s["header"]["raft_term"].as_u64().unwrap() >= 1, "{e}");
+        assert_eq!(s["version"], "3.5.17");
+        assert!(s["dbSize"].as_u64().unwrap() > 0, "{e}");
+        assert!(s["dbSizeInUse"].as_u64().unwrap() <= s["dbSize"].as_u64().unwrap());
+        assert!(
+            s["raftIndex"].as_u64() >= s["raftAppliedIndex"].as_u64(),
+            "{e}"
+        );
+        assert!(s["raftTerm"].as_u64().unwrap() >= 1, "{e}");
+        assert!(s["raftAppliedIndex"].as_u64().unwrap() > 0, "{e}");
+        assert!(s.get("errors").is_none(), "{e}");
+    }
+
+    // Alarms, defragmentation, and membership changes refused as documented.
+    let o = etcdctl(&endpoints, &["alarm", "list"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    let o = etcdctl(&endpoints, &["defrag"]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "{out}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_eq!(
+        out.matches("Finished defragmenting etcd member").count(),
+        3,
+        "{out}"
+    );
+    let o = etcdctl(
+        &endpoints,
+        &["member", "add", "x", "--peer-urls=http://127.0.0.1:1"],
+    );
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("atoll: members are storage nodes"), "{err}");
+    let o = etcdctl(&endpoints, &["member", "remove", "abcdef"]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("etcdserver: member not found"), "{err}");
+
+    // The gateway on the same ports.
+    let addr = c.stores[0].addr.as_str();
+    let (code, v) = must_http_json(addr, "GET", "/version", "");
+    assert_eq!(code, 200);
+    assert_eq!(
+        v,
+        serde_json::json!({"etcdserver": "3.5.17", "etcdcluster": "3.5.0"})
+    );
+    let (code, _) = http(addr, "POST", "/version", "").unwrap();
+    assert_eq!(code, 405);
+
+    let (code, v) = must_http_json(addr, "POST", "/v3/cluster/member/list", "{}");
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(int_str(&v["header"]["cluster_id"]), cluster_id, "{v}");
+    assert_eq!(Some(int_str(&v["header"]["member_id"])), c.store_id_of(0));
+    assert!(
+        v["header"].get("revision").is_none(),
+        "member calls carry no revision: {v}"
+    );
+    let members = v["members"].as_array().unwrap();
+    assert_eq!(
+        members
+            .iter()
+            .map(|m| int_str(&m["ID"]))
+            .collect::<BTreeSet<_>>(),
+        want
+    );
+    for m in members {
+        assert_eq!(m["name"], format!("store-{}", int_str(&m["ID"])));
+        assert!(m["clientURLs"][0]
+            .as_str()
+            .unwrap()
+            .starts_with("http://127.0.0.1:"));
+        assert!(m.get("isLearner").is_none(), "false is omitted: {m}");
+    }
+    // lowerCamel and snake_case both read.
+    let (code, v) = must_http_json(
+        addr,
+        "POST",
+        "/v3/cluster/member/list",
+        r#"{"linearizable":true}"#,
+    );
+    assert_eq!((code, v["members"].as_array().unwrap().len()), (200, 3));
+
+    let (code, v) = must_http_json(addr, "POST", "/v3/maintenance/status", "");
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["version"], "3.5.17");
+    assert!(int_str(&v["dbSize"]) > 0, "{v}");
+    assert!(want.contains(&int_str(&v["leader"])), "{v}");
+    assert!(int_str(&v["raftTerm"]) >= 1, "{v}");
+    assert!(int_str(&v["raftIndex"]) > 0, "{v}");
+    assert!(int_str(&v["header"]["revision"]) > 0, "{v}");
+    assert_eq!(Some(int_str(&v["header"]["member_id"])), c.store_id_of(0));
+
+    let (code, v) = must_http_json(addr, "POST", "/v3/maintenance/alarm", r#"{"action":"GET"}"#);
+    assert_eq!(code, 200, "{v}");
+    assert!(v.get("alarms").is_none(), "{v}");
+    let (code, v) = must_http_json(addr, "POST", "/v3/maintenance/defragment", "{}");
+    assert_eq!((code, v), (200, serde_json::json!({})));
+
+    // Errors as grpc-gateway writes them.
+    let id = ids[0].to_string();
+    let (code, v) = must_http_json(
+        addr,
+        "POST",
+        "/v3/cluster/member/promote",
+        &format!(r#"{{"ID":"{id}"}}"#),
+    );
+    assert_eq!(code, 400, "{v}");
+    assert_eq!(v["code"], 9);
+    assert_eq!(v["error"], "etcdserver: can only promote a learner member");
+    assert_eq!(v["message"], v["error"]);
+    let (code, v) = must_http_json(
+        addr,
+        "POST",
+        "/v3/cluster/member/remove",
+        r#"{"ID":"1234567"}"#,
+    );
+    assert_eq!((code, v["code"].as_i64()), (404, Some(5)), "{v}");
+    assert_eq!(v["error"], "etcdserver: member not found");
+    let (code, v) = must_http_json(addr, "POST", "/v3/maintenance/hash", "{}");
+    assert_eq!((code, v["code"].as_i64()), (501, Some(12)), "{v}");
+    let (code, v) = must_http_json(addr, "POST", "/v3/kv/range", "{");
+    assert_eq!((code, v["code"].as_i64()), (400, Some(3)), "{v}");
+    let (code, _) = http(addr, "GET", "/v3/kv/range", "").unwrap();
+    assert_eq!(code, 405);
+    let (code, _) = http(addr, "POST", "/v3/no/such/call", "{}").unwrap();
+    assert_eq!(code, 404);
+}
+
+/// Needs the KV service: `etcdctl endpoint health` reads the key `health`; `/health` ranges it.
+#[test]
+fn endpoint_health_through_etcdctl_and_http() {
+    let (c, endpoints, _) = three_stores();
+    let mut health = Value::Null;
+    let ok = wait_until(Duration::from_secs(30), || {
+        health = etcdctl_json(&endpoints, &["endpoint", "health"]).unwrap_or_else(Value::from);
+        health
+            .as_array()
+            .is_some_and(|a| a.len() == 3 && a.iter().all(|e| e["health"] == true))
+    });
+    assert!(ok, "endpoint health: {health}");
+    for s in &c.stores {
+        let (code, v) = must_http_json(&s.addr, "GET", "/health", "");
+        assert_eq!(code, 200, "{v}");
+        assert_eq!(v, serde_json::json!({"health": "true", "reason": ""}));
+        let (code, v) = must_http_json(&s.addr, "GET", "/health?serializable=true", "");
+        assert_eq!((code, &v["health"]), (200, &Value::from("true")), "{v}");
+    }
+}
