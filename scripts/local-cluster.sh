@@ -3,24 +3,28 @@
 # and experiments:
 #   scripts/local-cluster.sh start [STORES] [DIR] [extra storage-node flags...]
 #   scripts/local-cluster.sh stop [DIR]
-# PD listens on 127.0.0.1:2379 (peer 2380); store i on 20160+i (status 20180+i).
+# PD listens on 127.0.0.1:2379 (peer 2380); store i on 20160+i (status 20180+i). Other ports:
+# ATOLL_LOCAL_PD_PORT (peer: +1), ATOLL_LOCAL_STORE_PORT, ATOLL_LOCAL_STATUS_PORT.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bin=target/release
 cmd=${1:-start}
+pd_port=${ATOLL_LOCAL_PD_PORT:-2379}
+store_port=${ATOLL_LOCAL_STORE_PORT:-20160}
+status_port=${ATOLL_LOCAL_STATUS_PORT:-20180}
 case "$cmd" in
   start)
     n=${2:-3}; dir=${3:-/tmp/atoll-local}; shift $(( $# < 3 ? $# : 3 ))
     mkdir -p "$dir"
-    "$bin/pd-server" --name pd1 --data-dir "$dir/pd1" --client-addr 127.0.0.1:2379 --peer-addr 127.0.0.1:2380 \
+    "$bin/pd-server" --name pd1 --data-dir "$dir/pd1" --client-addr "127.0.0.1:$pd_port" --peer-addr "127.0.0.1:$((pd_port + 1))" \
       >"$dir/pd1.log" 2>&1 & echo $! >"$dir/pd1.pid"
     for i in $(seq 0 $((n - 1))); do
-      "$bin/storage-node" --pd 127.0.0.1:2379 --data-dir "$dir/store$((i + 1))" \
-        --addr "127.0.0.1:$((20160 + i))" --status-addr "127.0.0.1:$((20180 + i))" "$@" \
+      "$bin/storage-node" --pd "127.0.0.1:$pd_port" --data-dir "$dir/store$((i + 1))" \
+        --addr "127.0.0.1:$((store_port + i))" --status-addr "127.0.0.1:$((status_port + i))" "$@" \
         >"$dir/store$((i + 1)).log" 2>&1 & echo $! >"$dir/store$((i + 1)).pid"
     done
     for _ in $(seq 1 100); do
-      "$bin/kvctl" --timeout 2 put __ready 1 >/dev/null 2>&1 && { echo "cluster up in $dir"; exit 0; }
+      "$bin/kvctl" --pd "127.0.0.1:$pd_port" --timeout 2 put __ready 1 >/dev/null 2>&1 && { echo "cluster up in $dir"; exit 0; }
       sleep 0.3
     done
     echo "cluster did not come up; see $dir/*.log" >&2; exit 1 ;;
