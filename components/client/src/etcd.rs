@@ -95,22 +95,17 @@ impl Client {
                 })
                 .await?;
             if let Some(e) = resp.error {
-                match e.locked {
-                    Some(lock) => {
-                        lock_resolver::resolve_and_wait(
-                            self,
-                            lock,
-                            version,
-                            deadline,
-                            &mut bypass,
-                            &mut backoff,
-                            "range stayed locked",
-                        )
-                        .await?;
-                        continue;
-                    }
-                    None => return Err(crate::errors::key_error(e)),
-                }
+                lock_resolver::resolve_key_error(
+                    self,
+                    e,
+                    version,
+                    deadline,
+                    &mut bypass,
+                    &mut backoff,
+                    "range stayed locked",
+                )
+                .await?;
+                continue;
             }
             count += resp.count;
             kvs.extend(resp.kvs);
@@ -166,22 +161,17 @@ impl Client {
                 return Ok(EtcdTxnOutcome::Refused(e));
             }
             if let Some(e) = resp.error {
-                match e.locked {
-                    Some(lock) => {
-                        lock_resolver::resolve_and_wait(
-                            self,
-                            lock,
-                            0,
-                            deadline,
-                            &mut bypass,
-                            &mut backoff,
-                            "keys stayed locked",
-                        )
-                        .await?;
-                        continue;
-                    }
-                    None => return Err(crate::errors::key_error(e)),
-                }
+                lock_resolver::resolve_key_error(
+                    self,
+                    e,
+                    0,
+                    deadline,
+                    &mut bypass,
+                    &mut backoff,
+                    "keys stayed locked",
+                )
+                .await?;
+                continue;
             }
             return match resp.txn {
                 Some(t) => Ok(EtcdTxnOutcome::Done(t)),

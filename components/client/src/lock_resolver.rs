@@ -174,3 +174,22 @@ pub async fn resolve_and_wait(
     }
     Ok(())
 }
+
+/// A key error a request got back: a lock is resolved and waited for ([`resolve_and_wait`];
+/// the request then retries), anything else is the request's error.
+pub async fn resolve_key_error(
+    client: &Client,
+    e: kvrpcpb::KeyError,
+    caller_ts: u64,
+    deadline: Instant,
+    bypass: &mut Vec<u64>,
+    backoff: &mut Backoff,
+    what: &str,
+) -> Result<()> {
+    match e.locked {
+        Some(lock) => {
+            resolve_and_wait(client, lock, caller_ts, deadline, bypass, backoff, what).await
+        }
+        None => Err(crate::errors::key_error(e)),
+    }
+}
