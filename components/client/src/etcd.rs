@@ -124,7 +124,7 @@ impl Client {
         &self,
         key: &[u8],
         ranges: &[(Vec<u8>, Vec<u8>)],
-        txn: atoll_proto::etcdserverpb::TxnRequest,
+        txn: &atoll_proto::etcdserverpb::TxnRequest,
         start_ts: u64,
     ) -> Result<EtcdTxnOutcome> {
         let deadline = self.deadline();

@@ -515,21 +515,18 @@ impl Client {
                         Some(resp.value)
                     })
                 }
-                Some(e) => match e.locked {
-                    Some(lock) => {
-                        lock_resolver::resolve_and_wait(
-                            self,
-                            lock,
-                            version,
-                            deadline,
-                            &mut bypass,
-                            &mut backoff,
-                            "key stayed locked",
-                        )
-                        .await?;
-                    }
-                    None => return Err(errors::key_error(e)),
-                },
+                Some(e) => {
+                    lock_resolver::resolve_key_error(
+                        self,
+                        e,
+                        version,
+                        deadline,
+                        &mut bypass,
+                        &mut backoff,
+                        "key stayed locked",
+                    )
+                    .await?;
+                }
             }
         }
     }
@@ -656,21 +653,18 @@ impl Client {
                 })
                 .await?;
             if let Some(e) = resp.error {
-                match e.locked {
-                    Some(lock) => {
-                        lock_resolver::resolve_and_wait(
-                            self,
-                            lock,
-                            version,
-                            deadline,
-                            &mut bypass,
-                            &mut backoff,
-                            "range stayed locked",
-                        )
-                        .await?;
-                        continue;
-                    }
-                    None => return Err(errors::key_error(e)),
+                {
+                    lock_resolver::resolve_key_error(
+                        self,
+                        e,
+                        version,
+                        deadline,
+                        &mut bypass,
+                        &mut backoff,
+                        "range stayed locked",
+                    )
+                    .await?;
+                    continue;
                 }
             }
             let n = resp.pairs.len();
@@ -758,21 +752,18 @@ impl Client {
             };
             match err {
                 None => return Ok(commit),
-                Some(e) => match e.locked {
-                    Some(lock) => {
-                        lock_resolver::resolve_and_wait(
-                            self,
-                            lock,
-                            0,
-                            deadline,
-                            &mut vec![],
-                            &mut backoff,
-                            "key stayed locked",
-                        )
-                        .await?;
-                    }
-                    None => return Err(errors::key_error(e)),
-                },
+                Some(e) => {
+                    lock_resolver::resolve_key_error(
+                        self,
+                        e,
+                        0,
+                        deadline,
+                        &mut vec![],
+                        &mut backoff,
+                        "key stayed locked",
+                    )
+                    .await?;
+                }
             }
         }
     }
@@ -941,21 +932,18 @@ impl Client {
                     };
                     return Ok((resp.succeeded, prev));
                 }
-                Some(e) => match e.locked {
-                    Some(lock) => {
-                        lock_resolver::resolve_and_wait(
-                            self,
-                            lock,
-                            0,
-                            deadline,
-                            &mut vec![],
-                            &mut backoff,
-                            "key stayed locked",
-                        )
-                        .await?;
-                    }
-                    None => return Err(errors::key_error(e)),
-                },
+                Some(e) => {
+                    lock_resolver::resolve_key_error(
+                        self,
+                        e,
+                        0,
+                        deadline,
+                        &mut vec![],
+                        &mut backoff,
+                        "key stayed locked",
+                    )
+                    .await?;
+                }
             }
         }
     }

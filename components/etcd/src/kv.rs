@@ -174,17 +174,16 @@ impl KvService {
             return self.read_only_txn(&txn).await;
         };
         let id = self.ctx.client.write_id().await.map_err(client_error)?;
-        let txn_copy = txn.clone();
         match self
             .ctx
             .client
-            .etcd_txn(&first, &ranges, txn.clone(), id)
+            .etcd_txn(&first, &ranges, &txn, id)
             .await
             .map_err(client_error)?
         {
             EtcdTxnOutcome::Done(t) => Ok(t),
             EtcdTxnOutcome::Refused(e) => Err(Status::new(Code::from(e.code as i32), e.message)),
-            EtcdTxnOutcome::SpansRegions => self.multi_region_txn(&txn_copy, &reads, &writes).await,
+            EtcdTxnOutcome::SpansRegions => self.multi_region_txn(&txn, &reads, &writes).await,
         }
     }
 
