@@ -10,6 +10,9 @@
 //!   and every two-counter read is a consistent snapshot at its revision.
 //! - `txns_spanning_regions_are_serializable`: txns writing keys of two regions cannot write
 //!   skew; a delete-range over two regions deletes both keys at once.
+//! - `revisions_follow_real_time_across_regions`: a write that begins after an answer gets a
+//!   larger revision, a read that begins after a write reads at or above it, across regions
+//!   led by different stores.
 
 use atoll_proto::etcdserverpb::compare::{CompareResult, CompareTarget, TargetUnion};
 use atoll_proto::etcdserverpb::kv_client::KvClient;
@@ -22,6 +25,7 @@ use parking_lot::Mutex;
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicI64, Ordering::SeqCst};
 use std::time::{Duration, Instant};
 
 /// One cluster at a time: each wants the machine's cores.
@@ -42,6 +46,17 @@ fn start() -> ProcCluster {
         assert!(up, "store at {} never listened", s.addr);
     }
     c
+}
+
+fn must_split(c: &ProcCluster, keys: &[&str]) {
+    let mut args = vec!["split"];
+    args.extend_from_slice(keys);
+    let split = c.kvctl(&args);
+    assert!(
+        split.status.success(),
+        "{}",
+        String::from_utf8_lossy(&split.stderr)
+    );
 }
 
 fn endpoints(c: &ProcCluster) -> String {
@@ -535,12 +550,7 @@ fn range_of(resp: &Option<response_op::Response>) -> (i64, i64) {
 fn serializable_txns_under_contention() {
     let _g = SERIAL.lock();
     let c = start();
-    let split = c.kvctl(&["split", "cnt/1", "cnt/2", "cnt/3"]);
-    assert!(
-        split.status.success(),
-        "{}",
-        String::from_utf8_lossy(&split.stderr)
-    );
+    must_split(&c, &["cnt/1", "cnt/2", "cnt/3"]);
     let secs: u64 = std::env::var("ATOLL_ETCD_CONTENTION_SECS")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -739,12 +749,7 @@ fn serializable_txns_under_contention() {
 fn txns_spanning_regions_are_serializable() {
     let _g = SERIAL.lock();
     let c = start();
-    let split = c.kvctl(&["split", "skew/y"]);
-    assert!(
-        split.status.success(),
-        "{}",
-        String::from_utf8_lossy(&split.stderr)
-    );
+    must_split(&c, &["skew/y"]);
     let addrs: Vec<String> = c
         .stores
         .iter()
@@ -843,4 +848,161 @@ fn txns_spanning_regions_are_serializable() {
             .into_inner();
         assert_eq!(left.count, 0);
     });
+}
+
+/// Revisions follow real time, as etcd's single log does, across regions: a write that
+/// starts after another write or a read finished gets a larger revision, and a read that
+/// starts after a write finished reads at or above its revision and sees it. (A client that
+/// reads at R and then watches from R + 1 relies on the first; read-your-writes through any
+/// store on the second.) 8 clients, each with a key in each of two regions, put their key of
+/// region A, read it back through another store, then put their key of region B, which
+/// nothing reads (so only its writes move region B's clock); every answer is checked against
+/// the largest revision any client had been answered when the operation started.
+#[test]
+fn revisions_follow_real_time_across_regions() {
+    let _g = SERIAL.lock();
+    let c = start();
+    must_split(&c, &["rt/m"]);
+    // The two regions' leaders on two stores (PD balances them): each store keeps one clock
+    // (max_ts) for all its regions, so a read of A must not move B's.
+    let leader_stores = |c: &ProcCluster| -> Option<(u64, u64)> {
+        let v = c.kvctl_json(&["regions"]);
+        let leader_of = |key: &str| {
+            v["regions"].as_array()?.iter().find_map(|r| {
+                let (s, e) = (r["start_key"].as_str()?, r["end_key"].as_str()?);
+                let inside = s <= key && (e.is_empty() || key < e);
+                inside.then(|| r["leader"]["store_id"].as_u64()).flatten()
+            })
+        };
+        Some((leader_of("rt/a")?, leader_of("rt/z")?))
+    };
+    let apart = atoll_tests::wait_until(
+        Duration::from_secs(60),
+        || matches!(leader_stores(&c), Some((a, b)) if a != b),
+    );
+    assert!(
+        apart,
+        "PD never moved the leaders apart: {:?}",
+        leader_stores(&c)
+    );
+    let addrs: Vec<String> = c
+        .stores
+        .iter()
+        .map(|s| format!("http://{}", s.addr))
+        .collect();
+    let secs: u64 = std::env::var("ATOLL_ETCD_REALTIME_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(8);
+    let rt = runtime();
+    let (ops, violations) = rt.block_on(async {
+        // The largest revision any client has been answered (the header of a read, the
+        // revision of a put), published once the answer is in.
+        let seen = std::sync::Arc::new(AtomicI64::new(0));
+        let violations = std::sync::Arc::new(Mutex::new(Vec::<String>::new()));
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        let mut tasks = vec![];
+        for client in 0..8usize {
+            let addrs = addrs.clone();
+            let (seen, violations) = (seen.clone(), violations.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut kvs = vec![];
+                for a in &addrs {
+                    kvs.push(KvClient::connect(a.clone()).await.unwrap());
+                }
+                let (a, b) = (format!("rt/a{client}"), format!("rt/z{client}"));
+                let mut n = 0u64;
+                while Instant::now() < deadline {
+                    n += 1;
+                    let value = format!("{n}").into_bytes();
+                    let kv = &mut kvs[(client + n as usize) % 3];
+                    let Some(p) = put_after(kv, &seen, &violations, &a, &value).await else {
+                        continue;
+                    };
+                    // Read it back through another store.
+                    let kv = &mut kvs[(client + n as usize + 1) % 3];
+                    let before = seen.load(SeqCst);
+                    let Ok(got) = kv
+                        .range(RangeRequest {
+                            key: a.as_bytes().to_vec(),
+                            ..Default::default()
+                        })
+                        .await
+                    else {
+                        continue;
+                    };
+                    let got = got.into_inner();
+                    let r = got.header.as_ref().unwrap().revision;
+                    let kv0 = got.kvs.first();
+                    let fresh =
+                        kv0.map(|k| (k.value.as_slice(), k.mod_revision)) == Some((&value[..], p));
+                    if r < before || !fresh {
+                        violations.lock().push(format!(
+                            "read of {a} at revision {r} (started after {before} was \
+                             answered) gave {:?}, not the put of {n} at {p}",
+                            kv0.map(|k| (
+                                String::from_utf8_lossy(&k.value).to_string(),
+                                k.mod_revision
+                            ))
+                        ));
+                    }
+                    seen.fetch_max(r, SeqCst);
+                    let kv = &mut kvs[(client + n as usize + 2) % 3];
+                    put_after(kv, &seen, &violations, &b, &value).await;
+                }
+                n
+            }));
+        }
+        let mut ops = 0;
+        for t in tasks {
+            ops += t.await.unwrap();
+        }
+        let v = violations.lock().clone();
+        (ops, v)
+    });
+    println!(
+        "{ops} rounds of put, read, put; {} violations",
+        violations.len()
+    );
+    assert!(ops > 100, "too few operations to tell: {ops}");
+    assert!(
+        violations.is_empty(),
+        "{} answers broke real-time order, e.g.:\n{}",
+        violations.len(),
+        violations
+            .iter()
+            .take(10)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}
+
+/// Puts `key`; records a violation if its revision is not above `seen` as it was before the
+/// put; raises `seen` to it. None if the put failed.
+async fn put_after(
+    kv: &mut KvClient<tonic::transport::Channel>,
+    seen: &AtomicI64,
+    violations: &Mutex<Vec<String>>,
+    key: &str,
+    value: &[u8],
+) -> Option<i64> {
+    let before = seen.load(SeqCst);
+    let put = kv
+        .put(PutRequest {
+            key: key.as_bytes().to_vec(),
+            value: value.to_vec(),
+            ..Default::default()
+        })
+        .await
+        .ok()?;
+    let p = put.into_inner().header.unwrap().revision;
+    if p <= before {
+        violations.lock().push(format!(
+            "put of {key} answered revision {p}, but {before} had been answered before it \
+             started"
+        ));
+    }
+    seen.fetch_max(p, SeqCst);
+    Some(p)
 }

@@ -180,8 +180,10 @@ impl Client {
         }
     }
 
-    /// A unique timestamp identifying one write (see [`Client::etcd_txn`]).
+    /// A fresh timestamp identifying one write (see [`Client::etcd_txn`]): handed out by PD
+    /// after the call, so the write's revision comes out above every revision answered
+    /// before it (a block of timestamps fetched earlier would not do).
     pub async fn write_id(&self) -> Result<u64> {
-        self.unique_ts().await
+        self.tso().await
     }
 }

@@ -8,6 +8,8 @@
 //! 1. Latch the keys; lock them in memory; pick `ts = max(max_ts, start_ts) + 1` and record it
 //!    as the commit timestamp of the memory lock; raise `max_ts` to `ts`. From now on no other
 //!    one-phase writer commits at or below `ts`, and readers at or above `ts` wait for us.
+//!    `start_ts` is a timestamp PD handed out after the command began, so `ts` is above the
+//!    revision of every answer given before the command began.
 //! 2. Wait out the other writers' memory locks at or below `ts` on the keys and ranges read:
 //!    every write below `ts` is then either applied or a Percolator lock (which a read meets
 //!    and reports, for the caller to resolve).
@@ -20,6 +22,9 @@
 //!    above it.
 //! 5. Write every key at `ts` in one phase (with etcd's key metadata) and propose, releasing
 //!    latches and memory lock only once applied.
+//! 6. Answer only once PD has handed out a timestamp at or above `ts`
+//!    ([`Storage::commit_wait`], overlapping the proposal), so that every read that begins
+//!    after the answer reads at or above `ts`: revisions follow real time.
 //!
 //! `start_ts` identifies the command: a retry of one already applied finds its records and is
 //! answered again, decided anew on the snapshot just below its commit (its reads are the same).
@@ -130,6 +135,7 @@ impl<E: KvEngine> Storage<E> {
                 })
                 .await?;
             if writes.is_empty() {
+                self.commit_wait(ts, start_ts).await?;
                 return Ok(Atomic {
                     revision: ts,
                     wrote: false,
@@ -158,6 +164,7 @@ impl<E: KvEngine> Storage<E> {
                     bypass_locks: &bypass,
                 };
                 let (_, out) = decide(&view)?;
+                self.commit_wait(done, start_ts).await?;
                 return Ok(Atomic {
                     revision: done,
                     wrote: true,
@@ -176,8 +183,12 @@ impl<E: KvEngine> Storage<E> {
             for w in writes {
                 atoll_txn::plain_write(&mut txn, &reader, &w.key, w.value, w.lease, ts)?;
             }
-            self.propose(ctx, &snap.region, txn.into_modifies(), (latch, mem))
-                .await?;
+            let (proposed, waited) = tokio::join!(
+                self.propose(ctx, &snap.region, txn.into_modifies(), (latch, mem)),
+                self.commit_wait(ts, start_ts)
+            );
+            proposed?;
+            waited?;
             return Ok(Atomic {
                 revision: ts,
                 wrote: true,

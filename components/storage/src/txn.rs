@@ -116,7 +116,10 @@ impl<E: KvEngine> Storage<E> {
                 .await?;
             let mut txn = match prewritten {
                 Ok(txn) => txn,
-                Err(commit_ts) => return Ok(commit_ts),
+                Err(commit_ts) => {
+                    self.commit_wait(commit_ts, req.start_version).await?;
+                    return Ok(commit_ts);
+                }
             };
             if one_pc {
                 self.ensure_max_ts_synced(snap.region.id, snap.term).await?;
@@ -138,8 +141,15 @@ impl<E: KvEngine> Storage<E> {
                 }
                 txn.commit_one_pc(&reader, commit_ts)?;
             }
-            self.propose(&ctx, &snap.region, txn.into_modifies(), (latch, mem))
-                .await?;
+            // A one-phase commit is answered only once PD has passed its timestamp (see
+            // commit_wait); a prewrite's commit timestamp comes from PD later.
+            let wait_for = if one_pc { commit_ts } else { 0 };
+            let (proposed, waited) = tokio::join!(
+                self.propose(&ctx, &snap.region, txn.into_modifies(), (latch, mem)),
+                self.commit_wait(wait_for, req.start_version)
+            );
+            proposed?;
+            waited?;
             Ok(commit_ts)
         }
         .await;

@@ -54,6 +54,7 @@ impl<E: KvEngine> Storage<E> {
             })
             .await?;
         if let Some(commit_ts) = done {
+            self.commit_wait(commit_ts, start_ts).await?;
             return Ok((commit_ts, answer));
         }
         if writes.is_empty() {
@@ -74,8 +75,12 @@ impl<E: KvEngine> Storage<E> {
         fail::fail_point!(FP_BEFORE_PLAIN_WRITE, |_| Err(abort(
             "failpoint: plain write refused"
         )));
-        self.propose(ctx, &snap.region, txn.into_modifies(), (latch, mem))
-            .await?;
+        let (proposed, waited) = tokio::join!(
+            self.propose(ctx, &snap.region, txn.into_modifies(), (latch, mem)),
+            self.commit_wait(commit_ts, start_ts)
+        );
+        proposed?;
+        waited?;
         fail::fail_point!(FP_AFTER_WRITE_APPLIED, |_| Err(Fail::region(
             atoll_raftstore::Error::StaleCommand
         )));
