@@ -56,5 +56,6 @@ kv_service! {
     kv_scan_lock(ScanLockRequest) -> ScanLockResponse;
     etcd_range(EtcdRangeRequest) -> EtcdRangeResponse;
     etcd_txn(EtcdTxnRequest) -> EtcdTxnResponse;
+    gc_wait(GcWaitRequest) -> GcWaitResponse;
     split_region(SplitRegionRequest) -> SplitRegionResponse;
 }

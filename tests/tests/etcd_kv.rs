@@ -19,7 +19,7 @@ use atoll_proto::etcdserverpb::kv_client::KvClient;
 use atoll_proto::etcdserverpb::{
     request_op, response_op, Compare, PutRequest, RangeRequest, RequestOp, TxnRequest,
 };
-use atoll_tests::procs::{ClusterOpts, ProcCluster};
+use atoll_tests::procs::{metric_sum, ClusterOpts, ProcCluster};
 use atoll_tests::runtime;
 use parking_lot::Mutex;
 use serde_json::Value;
@@ -309,6 +309,27 @@ fn etcdctl_kv_gives_etcds_answers() {
         &["compaction", &now.to_string()],
         "required revision has been compacted",
     );
+    // A physical compaction answers once the stores dropped what it compacted: foo's two
+    // versions below the new revision are gone by then (GC runs every 60 s otherwise).
+    e.ok(&["put", "foo", "quux"]);
+    let now = rev(&e.json(&["put", "foo", "corge"]));
+    let gc_deletes = || -> f64 {
+        c.stores
+            .iter()
+            .map(|s| metric_sum(&s.status_addr, "atoll_gc_deletes_total").unwrap_or(0.0))
+            .sum()
+    };
+    let before = gc_deletes();
+    assert_eq!(
+        e.ok(&["compaction", "--physical", &now.to_string()]).trim(),
+        format!("compacted revision {now}")
+    );
+    let removed = gc_deletes() - before;
+    assert!(
+        removed >= 2.0,
+        "a physical compaction answered before GC removed foo's old versions ({removed} deletes)"
+    );
+    assert_eq!(e.ok(&["get", "foo"]), "foo\ncorge\n");
 
     bad_input_gets_etcds_errors(&c);
     gateway_kv(&c);

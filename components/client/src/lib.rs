@@ -948,6 +948,45 @@ impl Client {
         }
     }
 
+    /// Waits until every store that is up has finished a GC pass at or above `safe_point`
+    /// (already set in PD) over the regions it leads, each starting one at once if needed.
+    /// Stores PD reports down are skipped: their peers' leaders are elsewhere. Returns the
+    /// number of stores waited for.
+    pub async fn wait_gc_done(&self, safe_point: u64, timeout: Duration) -> Result<usize> {
+        let stores = self.pd().get_all_stores(true).await?;
+        let up: Vec<_> = stores
+            .into_iter()
+            .filter(|s| !s.is_down)
+            .filter_map(|s| s.store)
+            .collect();
+        let waits = up.iter().map(|s| async move {
+            let mut c = self.conn(&s.address)?;
+            let req = kvrpcpb::GcWaitRequest {
+                safe_point,
+                timeout_ms: timeout.as_millis() as u64,
+            };
+            let resp = tokio::time::timeout(timeout + Duration::from_secs(1), c.gc_wait(req))
+                .await
+                .map_err(|_| Error::Timeout(timeout, format!("GC on store {}", s.id)))?
+                .map_err(|e| Error::Server(format!("store {}: {}", s.id, e.message())))?
+                .into_inner();
+            if let Some(e) = resp.region_error {
+                return Err(Error::Server(format!("store {}: {}", s.id, e.message)));
+            }
+            if !resp.error.is_empty() {
+                return Err(Error::Timeout(
+                    timeout,
+                    format!("store {}: {}", s.id, resp.error),
+                ));
+            }
+            Ok(())
+        });
+        for r in futures::future::join_all(waits).await {
+            r?;
+        }
+        Ok(up.len())
+    }
+
     /// Splits the regions holding `keys` at them; returns the regions the splits produced.
     pub async fn split(&self, keys: &[Vec<u8>]) -> Result<Vec<metapb::Region>> {
         let mut sorted: Vec<Vec<u8>> = keys.to_vec();

@@ -36,6 +36,8 @@ use tonic::{Code, Request, Response, Status};
 
 /// Key-values per message of a RangeStream.
 const STREAM_CHUNK: usize = 1000;
+/// How long a physical Compact waits for the stores' GC before failing.
+const PHYSICAL_COMPACT_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// etcd's default `--max-txn-ops`.
 pub const MAX_TXN_OPS: usize = 128;
@@ -531,6 +533,15 @@ impl Kv for KvService {
         pd.update_gc_safe_point(c.revision as u64)
             .await
             .map_err(|e| errors::from_pd(&e))?;
+        if c.physical {
+            // etcd answers a physical compaction once its backend dropped the old revisions:
+            // here, once every store that is up has run GC at or above the new safe point.
+            self.ctx
+                .client
+                .wait_gc_done(c.revision as u64, PHYSICAL_COMPACT_WAIT)
+                .await
+                .map_err(client_error)?;
+        }
         Ok(Response::new(CompactionResponse {
             header: Some(self.ctx.header(now as i64)),
         }))

@@ -12,13 +12,15 @@ impl<E: KvEngine> Storage<E> {
     // ---------------- background: GC ----------------
 
     /// GC of old versions below PD's safe point, region by region (leaders only), in bounded
-    /// batches; runs until `stop`.
+    /// batches, every `gc_interval` or at once when [`Storage::gc_wait`] asks; runs until
+    /// `stop`.
     pub async fn run_background(self: Arc<Self>, mut stop: tokio::sync::watch::Receiver<bool>) {
         let mut t = tokio::time::interval(self.cfg.gc_interval.0);
         t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = t.tick() => {}
+                _ = self.gc_kick.notified() => {}
                 _ = stop.changed() => return,
             }
             let sp = match self.pd.get_gc_safe_point().await {
@@ -31,8 +33,35 @@ impl<E: KvEngine> Storage<E> {
             self.safe_point.store(sp, Ordering::Relaxed);
             GC_SAFE_POINT.set(sp as i64);
             let n = self.gc_once(sp, &mut stop).await;
+            if *stop.borrow() {
+                return;
+            }
+            self.gc_done.send_replace(sp);
             tracing::info!(safe_point = sp, removed = n, "GC pass done");
         }
+    }
+
+    /// Waits until a GC pass at or above `safe_point` has finished over the regions this
+    /// store leads, starting one at once if needed (the safe point must be in PD already).
+    pub async fn gc_wait(&self, req: GcWaitRequest) -> RespResult<GcWaitResponse> {
+        let mut done = self.gc_done.subscribe();
+        if *done.borrow() < req.safe_point {
+            self.gc_kick.notify_one();
+        }
+        let limit = Duration::from_millis(req.timeout_ms.clamp(1, 600_000));
+        let waited = tokio::time::timeout(limit, done.wait_for(|d| *d >= req.safe_point)).await;
+        let last = *self.gc_done.borrow();
+        let mut resp = GcWaitResponse {
+            done_safe_point: last,
+            ..Default::default()
+        };
+        if !matches!(waited, Ok(Ok(_))) {
+            resp.error = format!(
+                "GC up to safe point {} not finished within {limit:?} (last pass: {last})",
+                req.safe_point
+            );
+        }
+        Ok(resp)
     }
 
     /// One pass over the regions this store leads. Returns the versions removed.

@@ -108,6 +108,10 @@ pub struct Storage<E: KvEngine> {
     /// The largest timestamp this store has had from PD itself: every timestamp PD hands out
     /// from now on is above it ([`Storage::commit_wait`]).
     pub(crate) issued: AtomicU64,
+    /// The safe point of the last GC pass finished (see gc.rs).
+    pub(crate) gc_done: tokio::sync::watch::Sender<u64>,
+    /// Starts a GC pass now instead of at the next interval.
+    pub(crate) gc_kick: tokio::sync::Notify,
 }
 
 pub(crate) fn header(ctx: &Context) -> RaftRequestHeader {
@@ -170,6 +174,8 @@ impl<E: KvEngine> Storage<E> {
             inflight: AtomicUsize::new(0),
             safe_point: AtomicU64::new(0),
             issued: AtomicU64::new(0),
+            gc_done: tokio::sync::watch::Sender::new(0),
+            gc_kick: tokio::sync::Notify::new(),
             router,
             pd,
             cfg,
