@@ -41,3 +41,6 @@ pub mod write;
 pub use atomic::{Atomic, AtomicView, AtomicWrite};
 pub use config::StorageConfig;
 pub use storage::{abort, Fail, Permit, Storage, FP_AFTER_WRITE_APPLIED, FP_BEFORE_PLAIN_WRITE};
+
+#[cfg(test)]
+mod tests;
