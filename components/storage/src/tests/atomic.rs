@@ -208,3 +208,34 @@ fn atomic_revisions_do_not_run_ahead_of_pd() {
     );
     assert_eq!(c.must_get(b"y", next), Some(b"1".to_vec()));
 }
+
+#[test]
+fn a_retry_that_would_now_write_nothing_is_answered_as_applied() {
+    let c = Cluster::one();
+    let ctx = c.ctx(b"k").unwrap();
+    let keys = [b"k".to_vec()];
+    // Creates the key if absent; answers whether it did.
+    let create = |start: u64| {
+        c.run(c.storage(1).atomic(&ctx, start, &keys, &[], |view| {
+            let absent = view.reader.get(b"k", view.ts, &[])?.is_none();
+            let writes = if absent {
+                vec![write(b"k", b"v")]
+            } else {
+                vec![]
+            };
+            Ok((writes, absent))
+        }))
+        .unwrap()
+    };
+    let start = c.ts();
+    let first = create(start);
+    assert!(first.wrote && first.out);
+    let retry = create(start);
+    assert_eq!(
+        (retry.wrote, retry.out, retry.revision),
+        (true, true, first.revision)
+    );
+    // Another command finds the key there.
+    let other = create(c.ts());
+    assert_eq!((other.wrote, other.out), (false, false));
+}

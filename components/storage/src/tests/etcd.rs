@@ -265,3 +265,35 @@ fn etcd_range_reads_at_its_version() {
     assert_eq!(at(r2), vec![(b"a".to_vec(), b"2".to_vec(), r2)]);
     assert_eq!(at(r1 - 1), vec![]);
 }
+
+#[test]
+fn a_retried_etcd_txn_is_answered_as_applied_even_if_its_compare_no_longer_holds() {
+    let c = Cluster::one();
+    // etcd's lock recipe: take the key if nobody created it.
+    let txn = atoll_proto::etcdserverpb::TxnRequest {
+        compare: vec![cmp(
+            b"lock",
+            CompareTarget::Create,
+            CompareResult::Equal,
+            TargetUnion::CreateRevision(0),
+        )],
+        success: vec![put_op(b"lock", b"me")],
+        failure: vec![range_op(b"lock", b"")],
+    };
+    let start = c.ts();
+    let first = c.etcd_txn(txn.clone(), start);
+    must_ok(&first.region_error, &first.error);
+    let first = first.txn.expect("an answer");
+    assert!(first.succeeded);
+    // The answer was lost; the client sends the same txn again.
+    let retry = c.etcd_txn(txn, start);
+    must_ok(&retry.region_error, &retry.error);
+    let retry = retry.txn.expect("an answer");
+    assert!(
+        retry.succeeded,
+        "a retry of an applied txn answered {retry:?}"
+    );
+    assert_eq!(retry.header, first.header);
+    let rev = first.header.unwrap().revision;
+    assert_eq!(meta(&c, b"lock"), (rev, rev, 1));
+}
