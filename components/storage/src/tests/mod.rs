@@ -33,6 +33,9 @@ use atoll_proto::etcdserverpb::{
 use atoll_proto::kvrpcpb::*;
 use atoll_proto::metapb;
 use atoll_proto::mvccpb::KeyValue;
+use atoll_proto::raft_cmdpb::{
+    AdminCmdType, AdminRequest, RaftCmdRequest, RaftRequestHeader, TransferLeaderRequest,
+};
 use atoll_raftstore::snap::SnapManager;
 use atoll_raftstore::{RaftStore, StoreDeps};
 use atoll_test_cluster::{test_config, wait_until, MockPd, SimNetwork, SimTransport};
@@ -173,6 +176,47 @@ impl Cluster {
         });
         assert!(ok, "region {region_id} has no ready leader");
         found.unwrap()
+    }
+
+    /// Whether the peer of `region_id` on `store_id` leads it and is ready to serve.
+    fn leads(&self, store_id: u64, region_id: u64) -> bool {
+        let r = self.storage(store_id).router();
+        r.region(region_id).is_some_and(|x| {
+            r.local_leader_snapshot(region_id, x.region_epoch.as_ref())
+                .is_ok()
+        })
+    }
+
+    /// Hands the leadership of `region_id` to its peer on `to`; waits until that one serves.
+    pub fn must_transfer_leader(&self, region_id: u64, to: u64) {
+        let ok = wait_until(Duration::from_secs(20), || {
+            if self.leads(to, region_id) {
+                return true;
+            }
+            let from = self.leader_of(region_id);
+            let region = self.storage(from).router().region(region_id).unwrap();
+            let target = region.peers.iter().find(|p| p.store_id == to).copied();
+            let admin = AdminRequest {
+                cmd_type: AdminCmdType::TransferLeader as i32,
+                transfer_leader: Some(TransferLeaderRequest { peer: target }),
+                ..Default::default()
+            };
+            let cmd = RaftCmdRequest {
+                header: Some(RaftRequestHeader {
+                    region_id,
+                    peer: None,
+                    region_epoch: region.region_epoch,
+                    keys: vec![],
+                }),
+                requests: vec![],
+                admin_request: Some(admin),
+            };
+            let proposed = self.storage(from).router().propose_async(cmd);
+            let _ =
+                self.run(async { tokio::time::timeout(Duration::from_secs(2), proposed).await });
+            wait_until(Duration::from_millis(500), || self.leads(to, region_id))
+        });
+        assert!(ok, "store {to} never took the lead of region {region_id}");
     }
 
     /// The storage of a store.
@@ -344,10 +388,13 @@ impl Cluster {
 
     /// Prewrites puts of `kvs` (the first key is the primary) with a long TTL.
     /// Commits `old` to `key` in one phase, then leaves a lock on it of a new transaction
-    /// (its primary: `key`); returns that transaction's start timestamp.
+    /// (its primary: `key`) that starts after that commit; returns its start timestamp.
     pub fn must_lock_over(&self, key: &[u8], old: &[u8]) -> u64 {
-        self.must_put(key, old);
-        let start = self.ts();
+        let commit = self.must_put(key, old);
+        let mut start = self.ts();
+        while start <= commit {
+            start = self.ts();
+        }
         self.must_prewrite(&[(key, b"locked")], start);
         start
     }

@@ -383,3 +383,30 @@ fn reads_and_scans_stay_in_their_region() {
     assert!(resp.region_error.unwrap().epoch_not_match.is_some());
     assert!(resp.regions.is_empty());
 }
+
+#[test]
+fn a_scan_reports_the_first_lock_it_meets_unless_resolved() {
+    let c = Cluster::one();
+    c.must_put(b"a", b"1");
+    let start = c.must_lock_over(b"b", b"old");
+    let at = |version: u64, limit: u32| ScanRequest {
+        version,
+        ..scan_req(b"a", b"", limit)
+    };
+    let resp = c.scan(at(c.ts(), 0));
+    must_locked(&resp.error, start, b"b");
+    assert!(resp.pairs.is_empty());
+    // A limit that stops before the lock, a read below its start, a reader that resolved it.
+    assert_eq!(c.must_scan_keys(at(c.ts(), 1)), keys(&[b"a"]));
+    assert_eq!(c.must_scan_keys(at(start - 1, 0)), keys(&[b"a", b"b"]));
+    let mut ctx = c.ctx(b"a").unwrap();
+    ctx.resolved_locks = vec![start];
+    let resolved = ScanRequest {
+        context: Some(ctx),
+        ..at(c.ts(), 0)
+    };
+    let resp = c.scan(resolved);
+    must_ok(&resp.region_error, &resp.error);
+    let values: Vec<Vec<u8>> = resp.pairs.into_iter().map(|p| p.value).collect();
+    assert_eq!(values, vec![b"1".to_vec(), b"old".to_vec()]);
+}

@@ -228,3 +228,32 @@ fn unsafe_local_reads_are_refused_unless_enabled() {
     must_ok(&resp.region_error, &resp.error);
     assert_eq!(resp.value, b"v".to_vec());
 }
+
+#[test]
+fn a_leader_after_a_transfer_commits_above_the_reads_its_predecessor_served() {
+    let c = Cluster::new(3, StorageConfig::default());
+    let old = c.leader_of(1);
+    c.must_put(b"k", b"v1");
+    // A read the old leader serves (the others never hear of its timestamp).
+    let read_at = c.ts();
+    assert_eq!(c.must_get(b"k", read_at), Some(b"v1".to_vec()));
+    let new = *[1, 2, 3].iter().find(|s| **s != old).unwrap();
+    assert_eq!(c.storage(new).max_ts(), 0);
+    c.must_transfer_leader(1, new);
+    // A start timestamp far below: only a max_ts synced with PD puts the commit above the read.
+    let put = PutRequest {
+        context: Some(ctx_on(&c.region(b"k"), new)),
+        key: b"k".to_vec(),
+        value: b"v2".to_vec(),
+        start_version: 1,
+    };
+    let resp = c.run(c.storage(new).kv_put(put)).unwrap();
+    must_ok(&resp.region_error, &resp.error);
+    assert!(
+        resp.commit_version > read_at,
+        "{} <= {read_at}",
+        resp.commit_version
+    );
+    assert_eq!(c.must_get(b"k", read_at), Some(b"v1".to_vec()));
+    assert_eq!(c.must_get(b"k", 0), Some(b"v2".to_vec()));
+}
