@@ -119,3 +119,19 @@ fn the_background_pass_follows_pd_and_refuses_reads_below_the_safe_point() {
     stop.send(true).unwrap();
     c.run(task).unwrap();
 }
+
+#[test]
+fn gc_leaves_locks_and_their_transactions_alone() {
+    let c = Cluster::one();
+    let start = c.must_lock_over(b"k", b"old");
+    let sp = c.ts();
+    assert_eq!(gc_once(&c, 1, sp), 0);
+    let locks = c.must_scan_locks(b"", u64::MAX);
+    assert_eq!(locks.len(), 1);
+    assert_eq!(locks[0].lock_version, start);
+    // The transaction still commits, above the safe point.
+    let commit = c.ts();
+    c.must_commit(&[b"k"], start, commit);
+    assert_eq!(c.must_get(b"k", commit), Some(b"locked".to_vec()));
+    assert_eq!(c.must_get(b"k", sp), Some(b"old".to_vec()));
+}

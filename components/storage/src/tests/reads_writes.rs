@@ -410,3 +410,35 @@ fn a_scan_reports_the_first_lock_it_meets_unless_resolved() {
     let values: Vec<Vec<u8>> = resp.pairs.into_iter().map(|p| p.value).collect();
     assert_eq!(values, vec![b"1".to_vec(), b"old".to_vec()]);
 }
+
+#[test]
+fn writes_routed_to_the_wrong_region_are_key_not_in_region_and_write_nothing() {
+    let c = Cluster::one();
+    c.must_split(b"m");
+    let left = c.ctx(b"a").unwrap();
+    let must_elsewhere = |e: Option<atoll_proto::errorpb::Error>| {
+        let knr = e.expect("a region error").key_not_in_region;
+        assert_eq!(knr.expect("key_not_in_region").key, b"n".to_vec());
+    };
+    must_elsewhere(c.put_on(1, left.clone(), b"n", b"v").region_error);
+    let prewrite = PrewriteRequest {
+        context: Some(left.clone()),
+        ..prewrite_req(&[(b"n", b"v")], c.ts())
+    };
+    must_elsewhere(c.call(b"a", |s| s.kv_prewrite(prewrite)).region_error);
+    let range = DeleteRangeRequest {
+        context: Some(left.clone()),
+        start_key: b"n".to_vec(),
+        start_version: c.ts(),
+        ..Default::default()
+    };
+    must_elsewhere(c.call(b"a", |s| s.kv_delete_range(range)).region_error);
+    let etcd = EtcdTxnRequest {
+        context: Some(left),
+        txn: Some(etcd_txn(vec![], vec![put_op(b"n", b"v")])),
+        start_version: c.ts(),
+    };
+    must_elsewhere(c.call(b"a", |s| s.etcd_txn(etcd)).region_error);
+    assert_eq!(c.must_get(b"n", 0), None);
+    assert!(c.must_scan_locks(b"m", u64::MAX).is_empty());
+}
