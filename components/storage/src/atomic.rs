@@ -26,8 +26,11 @@
 //!    ([`Storage::commit_wait`], overlapping the proposal), so that every read that begins
 //!    after the answer reads at or above `ts`: revisions follow real time.
 //!
-//! `start_ts` identifies the command: a retry of one already applied finds its records and is
-//! answered again, decided anew on the snapshot just below its commit (its reads are the same).
+//! `start_ts` identifies the command: a retry of one already applied finds its records (on the
+//! keys it latches or writes, even if the retry would now write nothing) and is answered again,
+//! decided anew on the snapshot just below its commit (its reads are the same). A key it only
+//! deleted through a range, and latched only once found, is not looked at when the retry
+//! finds nothing to delete.
 
 use crate::storage::*;
 use atoll_engine::KvEngine;
@@ -134,6 +137,26 @@ impl<E: KvEngine> Storage<E> {
                     Ok(((writes, out), some))
                 })
                 .await?;
+            let reader = MvccReader::new(snap.snap.clone());
+            // A retry of a command that was applied: its answer, as decided then. Its records
+            // are on the keys it wrote: latched (the retry may now decide to write nothing, its
+            // own writes having changed what it reads), or written again now.
+            let written = keys.iter().chain(writes.iter().map(|w| &w.key));
+            if let Some(done) = self.already_applied(&reader, written, start_ts)? {
+                let view = AtomicView {
+                    reader,
+                    ts: done - 1,
+                    region: &snap.region,
+                    bypass_locks: &bypass,
+                };
+                let (_, out) = decide(&view)?;
+                self.commit_wait(done, start_ts).await?;
+                return Ok(Atomic {
+                    revision: done,
+                    wrote: true,
+                    out,
+                });
+            }
             if writes.is_empty() {
                 self.commit_wait(ts, start_ts).await?;
                 return Ok(Atomic {
@@ -153,23 +176,6 @@ impl<E: KvEngine> Storage<E> {
                 keys.sort();
                 keys.dedup();
                 continue;
-            }
-            let reader = MvccReader::new(snap.snap.clone());
-            if let Some(done) = self.already_applied(&reader, &writes, start_ts)? {
-                // A retry of a command that was applied: its answer, as decided then.
-                let view = AtomicView {
-                    reader,
-                    ts: done - 1,
-                    region: &snap.region,
-                    bypass_locks: &bypass,
-                };
-                let (_, out) = decide(&view)?;
-                self.commit_wait(done, start_ts).await?;
-                return Ok(Atomic {
-                    revision: done,
-                    wrote: true,
-                    out,
-                });
             }
             let mut newest = 0;
             for w in &writes {
@@ -197,16 +203,16 @@ impl<E: KvEngine> Storage<E> {
         }
     }
 
-    /// The commit timestamp of command `start_ts` if it already wrote one of `writes`.
-    fn already_applied(
+    /// The commit timestamp of command `start_ts` if it already wrote one of `keys`.
+    fn already_applied<'k>(
         &self,
         reader: &MvccReader<E::Snapshot>,
-        writes: &[AtomicWrite],
+        keys: impl Iterator<Item = &'k Vec<u8>>,
         start_ts: u64,
     ) -> Result<Option<u64>, Fail> {
-        for w in writes {
+        for k in keys {
             if let TxnCommitRecord::SingleRecord { commit_ts, write } =
-                reader.get_txn_commit_record(&w.key, start_ts)?
+                reader.get_txn_commit_record(k, start_ts)?
             {
                 if write.write_type != WriteType::Rollback {
                     return Ok(Some(commit_ts));

@@ -21,7 +21,9 @@
 //! - **Plain writes** (put, delete, compare-and-swap, delete-range) commit in one phase on the
 //!   leader: under per-key latches and in-memory locks, with `commit_ts = max(start_ts,
 //!   max_ts) + 1` (a fresh TSO if that would not exceed the key's newest version), so no read
-//!   already served at a timestamp misses them and no later timestamp from PD is below them.
+//!   already served at a timestamp misses them; they are answered only once PD has handed
+//!   out a timestamp at or above `commit_ts` (`commit_wait`: `max_ts + 1` can run ahead of PD),
+//!   so no later timestamp from PD is below them. The same holds for atomic (etcd) commands.
 //!   A write carries a unique start timestamp; a retry of an applied write is recognised and
 //!   answered without applying it twice.
 //! - **Transaction commands** (prewrite, commit, ...) run the `atoll-txn` actions under latches
@@ -41,3 +43,6 @@ pub mod write;
 pub use atomic::{Atomic, AtomicView, AtomicWrite};
 pub use config::StorageConfig;
 pub use storage::{abort, Fail, Permit, Storage, FP_AFTER_WRITE_APPLIED, FP_BEFORE_PLAIN_WRITE};
+
+#[cfg(test)]
+mod tests;

@@ -713,6 +713,7 @@ fn run_chosen(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tests::{cmp, del_op as del, put_op as put, range_op as get};
     use atoll_proto::etcdserverpb::compare::{CompareResult as R, CompareTarget as T};
 
     fn kv(k: &str, v: &str, create: i64, m: i64, version: i64) -> KeyValue {
@@ -732,49 +733,6 @@ mod tests {
             v.insert(kv.clone());
         }
         v
-    }
-
-    fn put(k: &str, v: &str) -> RequestOp {
-        RequestOp {
-            request: Some(request_op::Request::RequestPut(PutRequest {
-                key: k.into(),
-                value: v.into(),
-                prev_kv: true,
-                ..Default::default()
-            })),
-        }
-    }
-
-    fn del(k: &str, end: &str) -> RequestOp {
-        RequestOp {
-            request: Some(request_op::Request::RequestDeleteRange(
-                DeleteRangeRequest {
-                    key: k.into(),
-                    range_end: end.into(),
-                    prev_kv: true,
-                },
-            )),
-        }
-    }
-
-    fn get(k: &str, end: &str) -> RequestOp {
-        RequestOp {
-            request: Some(request_op::Request::RequestRange(RangeRequest {
-                key: k.into(),
-                range_end: end.into(),
-                ..Default::default()
-            })),
-        }
-    }
-
-    fn cmp(k: &str, target: T, result: R, u: TargetUnion) -> Compare {
-        Compare {
-            result: result as i32,
-            target: target as i32,
-            key: k.into(),
-            range_end: vec![],
-            target_union: Some(u),
-        }
     }
 
     fn run(v: &mut dyn View, t: &TxnRequest) -> TxnOutcome {
@@ -1001,7 +959,7 @@ mod tests {
             ),
             Err(ERR_DUPLICATE_KEY)
         );
-        let many: Vec<RequestOp> = (0..129).map(|i| put(&format!("k{i}"), "v")).collect();
+        let many: Vec<RequestOp> = (0..129).map(|i| put(format!("k{i}"), "v")).collect();
         assert_eq!(check_txn_request(&txn(many), 128), Err(ERR_TOO_MANY_OPS));
         assert_eq!(
             check_txn_request(&txn(vec![RequestOp { request: None }]), 128),
