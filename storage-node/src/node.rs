@@ -219,6 +219,9 @@ impl Node {
             pd.clone(),
             Arc::new(atoll_etcd::RocksLocalStore::new(router.clone())),
         );
+        // The etcd layer's requests for regions this store leads go straight to its own KV
+        // service, not through a socket to itself.
+        etcd.client.serve_locally(&cfg.advertise(&addr), kv.clone());
         let mut grpc = tonic::service::RoutesBuilder::default();
         grpc.add_service(kv).add_service(raft);
         let routes = atoll_etcd::routes(&etcd, grpc);

@@ -35,7 +35,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Endpoint;
 
 #[derive(Clone, Debug)]
 pub struct ClientConfig {
@@ -118,11 +118,29 @@ struct TsPool {
     end: u64,
 }
 
+/// How a client reaches a store's KV service: an HTTP/2 channel, or the service itself in
+/// this process ([`Client::serve_locally`]).
+pub type KvTransport = tower::util::BoxCloneSyncService<
+    tonic::codegen::http::Request<tonic::body::Body>,
+    tonic::codegen::http::Response<tonic::body::Body>,
+    TransportError,
+>;
+
+/// A transport failure (the channel's error; an in-process service has none).
+#[derive(Debug, thiserror::Error)]
+#[error(transparent)]
+pub struct TransportError(#[from] tonic::transport::Error);
+
+/// A KV client over either transport.
+pub type KvConn = KvClient<KvTransport>;
+
 pub struct Client {
     cfg: ClientConfig,
     pub(crate) cache: RegionCache,
     /// `connections_per_store` HTTP/2 connections per store address, used in turn.
-    conns: RwLock<HashMap<String, Vec<KvClient<Channel>>>>,
+    conns: RwLock<HashMap<String, Vec<KvConn>>>,
+    /// A store in this process, called directly (address, client).
+    local: RwLock<Option<(String, KvConn)>>,
     next_conn: std::sync::atomic::AtomicUsize,
     pool: tokio::sync::Mutex<TsPool>,
     stats: Mutex<ClientStats>,
@@ -158,6 +176,7 @@ impl Client {
             cfg,
             cache: RegionCache::new(pd),
             conns: RwLock::new(HashMap::new()),
+            local: RwLock::new(None),
             next_conn: std::sync::atomic::AtomicUsize::new(0),
             pool: tokio::sync::Mutex::new(TsPool { next: 0, end: 0 }),
             stats: Mutex::new(ClientStats::default()),
@@ -198,7 +217,35 @@ impl Client {
         Ok(ts)
     }
 
-    fn conn(&self, addr: &str) -> Result<KvClient<Channel>> {
+    /// Requests for the store at `addr` go to `service`, in this process, instead of over the
+    /// network: a storage node's own client (the etcd layer's) calls its own store directly,
+    /// with no HTTP/2 framing and no socket. Everything else is unchanged: the same request and
+    /// response messages, region errors and retries.
+    pub fn serve_locally<S>(&self, addr: &str, service: S)
+    where
+        S: tower::Service<
+                tonic::codegen::http::Request<tonic::body::Body>,
+                Response = tonic::codegen::http::Response<tonic::body::Body>,
+                Error = std::convert::Infallible,
+            > + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Future: Send + 'static,
+    {
+        let service = tower::ServiceExt::map_err(service, |e| -> TransportError { match e {} });
+        let c = KvClient::new(KvTransport::new(service))
+            .max_decoding_message_size(256 << 20)
+            .max_encoding_message_size(256 << 20);
+        *self.local.write() = Some((addr.to_string(), c));
+    }
+
+    fn conn(&self, addr: &str) -> Result<KvConn> {
+        if let Some((a, c)) = &*self.local.read() {
+            if a == addr {
+                return Ok(c.clone());
+            }
+        }
         let i = self
             .next_conn
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -217,8 +264,9 @@ impl Client {
                 .initial_stream_window_size(4 << 20)
                 .initial_connection_window_size(16 << 20)
                 .connect_lazy();
+            let ch = tower::ServiceExt::map_err(ch, TransportError);
             cs.push(
-                KvClient::new(ch)
+                KvClient::new(KvTransport::new(ch))
                     .max_decoding_message_size(256 << 20)
                     .max_encoding_message_size(256 << 20),
             );
@@ -256,7 +304,7 @@ impl Client {
     ) -> Result<(CachedRegion, Resp)>
     where
         Resp: RegionResponse,
-        F: Fn(KvClient<Channel>, kvrpcpb::Context, CachedRegion) -> Fut,
+        F: Fn(KvConn, kvrpcpb::Context, CachedRegion) -> Fut,
         Fut: Future<Output = std::result::Result<tonic::Response<Resp>, tonic::Status>>,
     {
         let mut backoff = self.backoff(deadline);
