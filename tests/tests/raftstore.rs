@@ -145,7 +145,7 @@ fn compacted_follower_catches_up_by_snapshot() {
     c.must_compact_log(1, u64::MAX);
     let leader_engine = c.engine(leader).clone();
     assert!(wait_until(Duration::from_secs(10), || {
-        let s = atoll_raftstore::storage::load_apply_state(&leader_engine, 1)
+        let s = atoll_raftstore::raft::storage::load_apply_state(&leader_engine, 1)
             .unwrap()
             .unwrap();
         s.truncated_state.unwrap().index > 100

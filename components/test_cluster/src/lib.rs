@@ -140,7 +140,7 @@ impl Cluster {
                 .expect("tempdir");
             let engine =
                 RocksEngine::open(dir.path().join("db"), &self.rocks).expect("open engine");
-            atoll_raftstore::store::write_store_ident(
+            atoll_raftstore::bootstrap::write_store_ident(
                 &engine,
                 &atoll_proto::raft_serverpb::StoreIdent {
                     cluster_id: 1,
@@ -178,8 +178,11 @@ impl Cluster {
                 .collect(),
         };
         for p in &region.peers {
-            atoll_raftstore::store::prepare_bootstrap_region(&self.engines[&p.store_id], &region)
-                .expect("bootstrap region");
+            atoll_raftstore::bootstrap::prepare_bootstrap_region(
+                &self.engines[&p.store_id],
+                &region,
+            )
+            .expect("bootstrap region");
         }
         let first = metapb::Store {
             id: self.store_ids[0],
