@@ -8,12 +8,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 metric!(static RAFT_SYNCED_WRITE_BATCHES: IntCounter = int_counter(
     "atoll_raftstore_synced_write_batches_total",
     "Synced write batches of raft state (one per poll round that had anything to persist)"));
+metric!(static RAFT_PROPOSALS: IntCounterVec = int_counter_vec(
+    "atoll_raftstore_proposals_total", "Proposals by kind", &["kind"]));
 metric!(static RAFT_POLL_ROUNDS: IntCounter = int_counter(
     "atoll_raftstore_poll_rounds_total", "Raft poller rounds"));
 metric!(static RAFT_READY_REGIONS: IntCounter = int_counter(
     "atoll_raftstore_ready_regions_total", "Regions with a raft ready, summed over rounds"));
-metric!(static RAFT_PROPOSALS: IntCounterVec = int_counter_vec(
-    "atoll_raftstore_proposals_total", "Proposals by kind", &["kind"]));
 metric!(static RAFT_WRITE_DURATION: Histogram = histogram(
     "atoll_raftstore_raft_write_duration_seconds", "Time to write and sync one round's raft batch",
     atoll_util::metrics::latency_buckets()));

@@ -86,16 +86,11 @@ impl<E: KvEngine> RaftRouter<E> {
             cmd: Box::new(cmd),
             cb,
         };
-        self.send_or_refuse(id, msg, |m, err| {
-            if let PeerMsg::RaftCommand { cb, .. } = m {
-                cb(Err(err));
-            }
-        });
+        self.send_or_refuse(id, msg);
     }
 
-    /// Hands a request to region `id`'s mailbox unless it is full or gone; `refuse` gets the
-    /// request back with the reason.
-    fn send_or_refuse(&self, id: u64, msg: PeerMsg<E>, refuse: impl FnOnce(PeerMsg<E>, Error)) {
+    /// Hands a request to region `id`'s mailbox, or refuses it if the mailbox is full or gone.
+    fn send_or_refuse(&self, id: u64, msg: PeerMsg<E>) {
         if let Err(e) = self.ctx.router.try_send(id, msg) {
             let err = match &e {
                 SendError::Full(_) => {
@@ -103,7 +98,7 @@ impl<E: KvEngine> RaftRouter<E> {
                 }
                 SendError::Closed(_) => Error::RegionNotFound(id),
             };
-            refuse(e.into_inner(), err);
+            e.into_inner().refuse(err);
         }
     }
 
@@ -119,11 +114,7 @@ impl<E: KvEngine> RaftRouter<E> {
             header: Box::new(header),
             cb,
         };
-        self.send_or_refuse(id, msg, |m, err| {
-            if let PeerMsg::ReadIndex { cb, .. } = m {
-                cb(Err(err));
-            }
-        });
+        self.send_or_refuse(id, msg);
     }
 
     /// A linearizable read: within the leader's lease at once, from this store's applied
@@ -302,10 +293,7 @@ impl<E: KvEngine> RaftRouter<E> {
             cb: Some(cb),
         });
         if let Err(e) = self.ctx.router.force_send(region_id, msg) {
-            if let PeerMsg::Casual(CasualMessage::SplitRegion { cb: Some(cb), .. }) = e.into_inner()
-            {
-                cb(Err(Error::RegionNotFound(region_id)));
-            }
+            e.into_inner().refuse(Error::RegionNotFound(region_id));
         }
     }
 

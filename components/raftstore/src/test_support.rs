@@ -17,7 +17,9 @@ use crate::Config;
 use atoll_engine::memory::MemoryEngine;
 use atoll_engine::{KvEngine, Peekable};
 use atoll_proto::metapb;
-use atoll_proto::raft_cmdpb::{CmdType, PutRequest, RaftCmdRequest, Request};
+use atoll_proto::raft_cmdpb::{
+    AdminCmdType, AdminRequest, CmdType, PutRequest, RaftCmdRequest, Request,
+};
 use atoll_proto::raft_serverpb::{RaftMessage, SnapshotMeta};
 use parking_lot::Mutex;
 use protobuf::Message as PbMessage;
@@ -108,6 +110,28 @@ impl TestStore {
         Self::with_config(store_id, test_config())
     }
 
+    /// A store whose [`test_config`] `tune` changes.
+    pub fn configured(store_id: u64, tune: impl FnOnce(&mut Config)) -> Self {
+        let mut cfg = test_config();
+        tune(&mut cfg);
+        Self::with_config(store_id, cfg)
+    }
+
+    /// Store 1 with region 1 (all keys) led by its single voter 11.
+    pub fn single_leader() -> (Self, TestRegion) {
+        let mut s = Self::new(1);
+        let r = s.leader_region(1, b"", b"");
+        (s, r)
+    }
+
+    /// Store 1 with region 1 (all keys, voters 11, 12 and 13 on stores 1 to 3) led by 11.
+    pub fn three_voters_led_here(tune: impl FnOnce(&mut Config)) -> (Self, TestRegion) {
+        let mut s = Self::configured(1, tune);
+        let mut r = s.new_region(1, b"", b"", &[(11, 1), (12, 2), (13, 3)]);
+        s.campaign(&mut r, &[12, 13]);
+        (s, r)
+    }
+
     pub fn with_config(store_id: u64, cfg: Config) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let trans = Arc::new(RecordingTransport::default());
@@ -140,23 +164,7 @@ impl TestStore {
         end: &[u8],
         peers: &[(u64, u64)],
     ) -> Box<PeerFsm<MemoryEngine>> {
-        let region = metapb::Region {
-            id: region_id,
-            start_key: start.to_vec(),
-            end_key: end.to_vec(),
-            region_epoch: Some(metapb::RegionEpoch {
-                conf_ver: 1,
-                version: 1,
-            }),
-            peers: peers
-                .iter()
-                .map(|(id, store)| metapb::Peer {
-                    id: *id,
-                    store_id: *store,
-                    role: metapb::PeerRole::Voter as i32,
-                })
-                .collect(),
-        };
+        let region = region_of(region_id, start, end, peers);
         crate::bootstrap::prepare_bootstrap_region(&self.ctx.engine, &region).expect("bootstrap");
         self.ctx.meta.lock().set_region(&region);
         let me = *crate::util::find_peer(&region, self.ctx.store_id).expect("a peer here");
@@ -292,14 +300,18 @@ impl TestStore {
 
     /// Proposes `cmd` in one round; the answer comes once it is applied.
     pub fn propose(&mut self, r: &mut TestRegion, cmd: RaftCmdRequest) -> WriteAnswer {
-        let (cb, res) = capture();
-        self.round(
-            &mut r.fsm,
-            vec![PeerMsg::RaftCommand {
-                cmd: Box::new(cmd),
-                cb,
-            }],
-        );
+        let res = self.handle_cmd(r, cmd);
+        self.end(&mut r.fsm);
+        res
+    }
+
+    /// Handles a proposal of `cmd` (the first half of a round: nothing written yet).
+    pub fn handle_cmd(&mut self, r: &mut TestRegion, cmd: RaftCmdRequest) -> WriteAnswer {
+        let (msg, res) = request(|cb| PeerMsg::RaftCommand {
+            cmd: Box::new(cmd),
+            cb,
+        });
+        self.handle(&mut r.fsm, vec![msg]);
         res
     }
 
@@ -435,6 +447,67 @@ impl TestRegion {
     pub fn put_cmd(&self, key: &[u8], value: &[u8]) -> RaftCmdRequest {
         put_cmd(&self.fsm.peer, key, value)
     }
+}
+
+/// Region `id` over `[start, end)` with the given `(peer id, store id)` voters, epoch 1/1.
+pub fn region_of(id: u64, start: &[u8], end: &[u8], peers: &[(u64, u64)]) -> metapb::Region {
+    metapb::Region {
+        id,
+        start_key: start.to_vec(),
+        end_key: end.to_vec(),
+        region_epoch: Some(metapb::RegionEpoch {
+            conf_ver: 1,
+            version: 1,
+        }),
+        peers: peers
+            .iter()
+            .map(|(id, store)| metapb::Peer {
+                id: *id,
+                store_id: *store,
+                role: metapb::PeerRole::Voter as i32,
+            })
+            .collect(),
+    }
+}
+
+/// An admin command of `kind` for `r`'s region as it is now; `fill` sets its body.
+pub fn admin_cmd(
+    r: &TestRegion,
+    kind: AdminCmdType,
+    fill: impl FnOnce(&mut AdminRequest),
+) -> RaftCmdRequest {
+    let mut admin = AdminRequest {
+        cmd_type: kind as i32,
+        ..Default::default()
+    };
+    fill(&mut admin);
+    RaftCmdRequest {
+        header: Some(r.fsm.peer.header()),
+        requests: vec![],
+        admin_request: Some(admin),
+    }
+}
+
+/// A request message whose callback leaves its answer for the test.
+pub fn request<T: Send + 'static>(
+    make: impl FnOnce(Box<dyn FnOnce(T) + Send>) -> PeerMsg<MemoryEngine>,
+) -> (PeerMsg<MemoryEngine>, Answer<T>) {
+    let (cb, res) = capture();
+    (make(cb), res)
+}
+
+/// An epoch older than any region's in these tests.
+pub fn stale_epoch() -> metapb::RegionEpoch {
+    metapb::RegionEpoch {
+        conf_ver: 1,
+        version: 0,
+    }
+}
+
+/// The peer's log did not grow past `last` (nothing was proposed).
+pub fn must_not_append(r: &TestRegion, last: u64) {
+    let now = r.fsm.peer.raft_group.store().last_index();
+    assert_eq!(now, last, "nothing proposed");
 }
 
 /// A put of `key` (a user key) as a command for `peer`'s region as it is now.

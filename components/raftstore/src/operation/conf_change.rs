@@ -7,7 +7,7 @@ use crate::fsm::apply::ApplyFsm;
 use crate::fsm::apply_poller::ApplyPoller;
 use crate::fsm::context::StoreContext;
 use crate::fsm::peer::PeerFsm;
-use crate::msg::{ExecResult, WriteCallback, WriteResponse};
+use crate::msg::{ExecResult, WriteCallback, WriteResponse, WriteResult};
 use crate::operation::command::Refused;
 use crate::raft::peer::Peer;
 use crate::raft::storage;
@@ -145,11 +145,7 @@ impl<E: KvEngine> Peer<E> {
 }
 
 impl<E: KvEngine> ApplyFsm<E> {
-    pub(crate) fn exec_conf_change(
-        &mut self,
-        ctx: &mut ApplyPoller<E>,
-        e: &Entry,
-    ) -> Result<WriteResponse> {
+    pub(crate) fn exec_conf_change(&mut self, ctx: &mut ApplyPoller<E>, e: &Entry) -> WriteResult {
         let cc = ConfChange::parse_from_bytes(e.get_data())?;
         let cmd: RaftCmdRequest = prost::Message::decode(cc.get_context())?;
         let header = cmd.header.clone().unwrap_or_default();

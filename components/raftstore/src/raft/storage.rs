@@ -57,28 +57,26 @@ pub fn write_initial_states(
     write_region_state(wb, region, PeerState::Normal)
 }
 
+type EngineResult<T> = atoll_engine::Result<T>;
+
 fn put_state(
     wb: &mut impl WriteBatch,
     key: &[u8],
     state: &impl prost::Message,
-) -> atoll_engine::Result<()> {
+) -> EngineResult<()> {
     wb.put_cf(CF_RAFT, key, &encode_msg(state))
 }
 
-pub fn write_raft_state(
-    wb: &mut impl WriteBatch,
-    region_id: u64,
-    state: &RaftLocalState,
-) -> atoll_engine::Result<()> {
-    put_state(wb, &atoll_keys::raft_state_key(region_id), state)
+pub fn write_raft_state(wb: &mut impl WriteBatch, id: u64, s: &RaftLocalState) -> EngineResult<()> {
+    put_state(wb, &atoll_keys::raft_state_key(id), s)
 }
 
 pub fn write_apply_state(
     wb: &mut impl WriteBatch,
-    region_id: u64,
-    state: &RaftApplyState,
-) -> atoll_engine::Result<()> {
-    put_state(wb, &atoll_keys::apply_state_key(region_id), state)
+    id: u64,
+    s: &RaftApplyState,
+) -> EngineResult<()> {
+    put_state(wb, &atoll_keys::apply_state_key(id), s)
 }
 
 /// Stages the deletion of log entries `[from, to)` of a region.
@@ -143,25 +141,16 @@ fn load_state<M: prost::Message + Default>(
     }
 }
 
-pub fn load_raft_state(
-    engine: &impl Peekable,
-    region_id: u64,
-) -> crate::Result<Option<RaftLocalState>> {
-    load_state(engine, &atoll_keys::raft_state_key(region_id))
+pub fn load_raft_state(e: &impl Peekable, id: u64) -> crate::Result<Option<RaftLocalState>> {
+    load_state(e, &atoll_keys::raft_state_key(id))
 }
 
-pub fn load_apply_state(
-    engine: &impl Peekable,
-    region_id: u64,
-) -> crate::Result<Option<RaftApplyState>> {
-    load_state(engine, &atoll_keys::apply_state_key(region_id))
+pub fn load_apply_state(e: &impl Peekable, id: u64) -> crate::Result<Option<RaftApplyState>> {
+    load_state(e, &atoll_keys::apply_state_key(id))
 }
 
-pub fn load_region_state(
-    engine: &impl Peekable,
-    region_id: u64,
-) -> crate::Result<Option<RegionLocalState>> {
-    load_state(engine, &atoll_keys::region_state_key(region_id))
+pub fn load_region_state(e: &impl Peekable, id: u64) -> crate::Result<Option<RegionLocalState>> {
+    load_state(e, &atoll_keys::region_state_key(id))
 }
 
 #[derive(Default)]

@@ -1,19 +1,19 @@
 //! Proposals: refused with the right error, or answered once applied.
 
 use crate::msg::PeerMsg;
-use crate::test_support::{must_fail, TestRegion, TestStore};
+use crate::test_support::{
+    admin_cmd, must_fail, must_not_append, stale_epoch, TestRegion, TestStore,
+};
 use crate::Error;
 use atoll_engine::{Peekable, CF_DEFAULT};
 use atoll_proto::metapb;
 use atoll_proto::raft_cmdpb::{
-    AdminCmdType, AdminRequest, CmdType, DeleteRangeRequest, RaftCmdRequest, Request,
-    TransferLeaderRequest,
+    AdminCmdType, CmdType, DeleteRangeRequest, RaftCmdRequest, Request, TransferLeaderRequest,
 };
 
 #[test]
 fn a_proposal_is_answered_with_its_index_and_term_once_applied() {
-    let mut s = TestStore::new(1);
-    let mut r = s.leader_region(1, b"", b"");
+    let (mut s, mut r) = TestStore::single_leader();
     let cmd = r.put_cmd(b"k", b"v");
     let resp = s.must_answer_cmd(&mut r, cmd).unwrap();
     assert_eq!(resp.index, r.fsm.peer.raft_group.store().last_index());
@@ -42,13 +42,9 @@ fn a_follower_refuses_proposals() {
 
 #[test]
 fn a_proposal_with_a_stale_epoch_is_refused() {
-    let mut s = TestStore::new(1);
-    let mut r = s.leader_region(1, b"", b"");
+    let (mut s, mut r) = TestStore::single_leader();
     let mut cmd = r.put_cmd(b"k", b"v");
-    cmd.header.as_mut().unwrap().region_epoch = Some(metapb::RegionEpoch {
-        conf_ver: 1,
-        version: 0,
-    });
+    cmd.header.as_mut().unwrap().region_epoch = Some(stale_epoch());
     assert!(matches!(
         s.must_answer_cmd(&mut r, cmd),
         Err(Error::EpochNotMatch { .. })
@@ -57,8 +53,7 @@ fn a_proposal_with_a_stale_epoch_is_refused() {
 
 #[test]
 fn a_proposal_for_another_store_is_refused() {
-    let mut s = TestStore::new(1);
-    let mut r = s.leader_region(1, b"", b"");
+    let (mut s, mut r) = TestStore::single_leader();
     let mut cmd = r.put_cmd(b"k", b"v");
     cmd.header.as_mut().unwrap().peer = Some(metapb::Peer {
         id: 99,
@@ -76,11 +71,9 @@ fn a_proposal_for_another_store_is_refused() {
 
 #[test]
 fn an_entry_over_the_size_limit_is_refused() {
-    let cfg = crate::Config {
-        raft_entry_max_size: atoll_util::config::ReadableSize(64),
-        ..crate::test_support::test_config()
-    };
-    let mut s = TestStore::with_config(1, cfg);
+    let mut s = TestStore::configured(1, |c| {
+        c.raft_entry_max_size = atoll_util::config::ReadableSize(64)
+    });
     let mut r = s.leader_region(1, b"", b"");
     let last = r.fsm.peer.raft_group.store().last_index();
     let cmd = r.put_cmd(b"k", &[0u8; 100]);
@@ -88,11 +81,7 @@ fn an_entry_over_the_size_limit_is_refused() {
         s.must_answer_cmd(&mut r, cmd),
         Err(Error::RaftEntryTooLarge { region_id: 1, .. })
     ));
-    assert_eq!(
-        r.fsm.peer.raft_group.store().last_index(),
-        last,
-        "nothing proposed"
-    );
+    must_not_append(&r, last);
 }
 
 #[test]
@@ -150,23 +139,17 @@ fn a_delete_range_may_end_at_the_region_end_but_not_past_it() {
 
 #[test]
 fn a_leader_transfer_to_a_stranger_is_refused() {
-    let mut s = TestStore::new(1);
-    let mut r = s.leader_region(1, b"", b"");
-    let cmd = RaftCmdRequest {
-        header: Some(r.fsm.peer.header()),
-        requests: vec![],
-        admin_request: Some(AdminRequest {
-            cmd_type: AdminCmdType::TransferLeader as i32,
-            transfer_leader: Some(TransferLeaderRequest {
-                peer: Some(metapb::Peer {
-                    id: 99,
-                    store_id: 9,
-                    role: 0,
-                }),
-            }),
-            ..Default::default()
-        }),
+    let (mut s, mut r) = TestStore::single_leader();
+    let stranger = metapb::Peer {
+        id: 99,
+        store_id: 9,
+        role: 0,
     };
+    let cmd = admin_cmd(&r, AdminCmdType::TransferLeader, |a| {
+        a.transfer_leader = Some(TransferLeaderRequest {
+            peer: Some(stranger),
+        })
+    });
     let res = s.propose(&mut r, cmd);
     assert!(matches!(must_fail(&res), Error::InvalidRequest(_)));
     assert!(r.fsm.peer.is_leader());
@@ -174,9 +157,7 @@ fn a_leader_transfer_to_a_stranger_is_refused() {
 
 #[test]
 fn proposals_of_a_destroyed_peer_fail_with_region_not_found() {
-    let mut s = TestStore::new(1);
-    let mut r = s.new_region(1, b"", b"", &[(11, 1), (12, 2), (13, 3)]);
-    s.campaign(&mut r, &[12, 13]);
+    let (mut s, mut r) = TestStore::three_voters_led_here(|_| {});
     let cmd = r.put_cmd(b"k", b"v");
     // Proposed and sent, never acknowledged: pending when the peer goes.
     let res = s.propose(&mut r, cmd);

@@ -1,12 +1,12 @@
 //! Conf changes: the type mappings, the leader's checks, and a change applied end to end.
 
 use crate::operation::conf_change::{cmd_type_of_pd, raft_type_of_cmd};
-use crate::test_support::{TestRegion, TestStore};
+use crate::test_support::{admin_cmd, TestRegion, TestStore};
 use crate::Error;
 use atoll_proto::metapb::{self, PeerRole};
 use atoll_proto::pdpb;
 use atoll_proto::raft_cmdpb::{
-    AdminCmdType, AdminRequest, ChangePeerRequest, ConfChangeType as CmdType, RaftCmdRequest,
+    AdminCmdType, ChangePeerRequest, ConfChangeType as CmdType, RaftCmdRequest,
 };
 use atoll_proto::raft_serverpb::PeerState;
 use raft::eraftpb::ConfChangeType;
@@ -38,28 +38,23 @@ fn change_types_map_one_to_one() {
 }
 
 fn change(r: &TestRegion, kind: CmdType, id: u64, store_id: u64) -> RaftCmdRequest {
-    RaftCmdRequest {
-        header: Some(r.fsm.peer.header()),
-        requests: vec![],
-        admin_request: Some(AdminRequest {
-            cmd_type: AdminCmdType::ChangePeer as i32,
-            change_peer: Some(ChangePeerRequest {
-                change_type: kind as i32,
-                peer: Some(metapb::Peer {
-                    id,
-                    store_id,
-                    role: 0,
-                }),
-            }),
-            ..Default::default()
-        }),
-    }
+    let peer = metapb::Peer {
+        id,
+        store_id,
+        role: 0,
+    };
+    let change_peer = ChangePeerRequest {
+        change_type: kind as i32,
+        peer: Some(peer),
+    };
+    admin_cmd(r, AdminCmdType::ChangePeer, |a| {
+        a.change_peer = Some(change_peer)
+    })
 }
 
 #[test]
 fn an_added_voter_is_in_the_region_its_epoch_and_raft() {
-    let mut s = TestStore::new(1);
-    let mut r = s.leader_region(1, b"", b"");
+    let (mut s, mut r) = TestStore::single_leader();
     let cmd = change(&r, CmdType::AddNode, 22, 2);
     let resp = s.must_answer_cmd(&mut r, cmd).unwrap();
     let region = r.fsm.peer.region().clone();
@@ -82,8 +77,7 @@ fn an_added_voter_is_in_the_region_its_epoch_and_raft() {
 
 #[test]
 fn a_learner_is_added_as_a_learner_then_promoted() {
-    let mut s = TestStore::new(1);
-    let mut r = s.leader_region(1, b"", b"");
+    let (mut s, mut r) = TestStore::single_leader();
     let cmd = change(&r, CmdType::AddLearnerNode, 22, 2);
     s.must_answer_cmd(&mut r, cmd).unwrap();
     let role = |r: &TestRegion| r.peer(22).role;
@@ -97,26 +91,19 @@ fn a_learner_is_added_as_a_learner_then_promoted() {
 
 #[test]
 fn the_leader_refuses_changes_that_break_the_region() {
-    let mut s = TestStore::new(1);
-    let mut r = s.leader_region(1, b"", b"");
-    let invalid =
-        |res: crate::Result<crate::WriteResponse>| matches!(res, Err(Error::InvalidRequest(_)));
-    let cmd = change(&r, CmdType::RemoveNode, 11, 1);
-    assert!(
-        invalid(s.must_answer_cmd(&mut r, cmd)),
-        "the leader removing itself"
-    );
-    let cmd = change(&r, CmdType::AddNode, 11, 1);
-    assert!(invalid(s.must_answer_cmd(&mut r, cmd)), "already a voter");
-    let cmd = change(&r, CmdType::AddNode, 12, 1);
-    assert!(
-        invalid(s.must_answer_cmd(&mut r, cmd)),
-        "a second peer on one store"
-    );
-    let cmd = change(&r, CmdType::RemoveNode, 99, 9);
-    assert!(invalid(s.must_answer_cmd(&mut r, cmd)), "not a member");
-    let cmd = change(&r, CmdType::AddNode, 0, 2);
-    assert!(invalid(s.must_answer_cmd(&mut r, cmd)), "no peer id");
+    let (mut s, mut r) = TestStore::single_leader();
+    let refused = [
+        (CmdType::RemoveNode, 11, 1, "the leader removing itself"),
+        (CmdType::AddNode, 11, 1, "already a voter"),
+        (CmdType::AddNode, 12, 1, "a second peer on one store"),
+        (CmdType::RemoveNode, 99, 9, "not a member"),
+        (CmdType::AddNode, 0, 2, "no peer id"),
+    ];
+    for (kind, id, store_id, why) in refused {
+        let cmd = change(&r, kind, id, store_id);
+        let res = s.must_answer_cmd(&mut r, cmd);
+        assert!(matches!(res, Err(Error::InvalidRequest(_))), "{why}");
+    }
     assert_eq!(
         crate::util::epoch(r.fsm.peer.region()).conf_ver,
         1,

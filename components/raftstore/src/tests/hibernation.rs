@@ -7,13 +7,14 @@ use raft::eraftpb::{self, MessageType};
 
 type Msg = PeerMsg<atoll_engine::memory::MemoryEngine>;
 
+/// Regions may hibernate, after three idle ticks.
+fn hibernate_soon(c: &mut crate::Config) {
+    c.hibernate_regions = true;
+    c.hibernate_after_ticks = 3;
+}
+
 fn hibernating_store(store_id: u64) -> TestStore {
-    let cfg = crate::Config {
-        hibernate_regions: true,
-        hibernate_after_ticks: 3,
-        ..crate::test_support::test_config()
-    };
-    TestStore::with_config(store_id, cfg)
+    TestStore::configured(store_id, hibernate_soon)
 }
 
 fn tick(s: &mut TestStore, r: &mut TestRegion, n: usize) {
@@ -54,9 +55,7 @@ fn a_proposal_wakes_a_hibernating_leader() {
 
 #[test]
 fn a_leader_with_a_follower_behind_stays_awake() {
-    let mut s = hibernating_store(1);
-    let mut r = s.new_region(1, b"", b"", &[(11, 1), (12, 2), (13, 3)]);
-    s.campaign(&mut r, &[12, 13]);
+    let (mut s, mut r) = TestStore::three_voters_led_here(hibernate_soon);
     let cmd = r.put_cmd(b"k", b"v");
     s.propose(&mut r, cmd);
     // Nobody acknowledges the write: it stays uncommitted, the followers behind.
@@ -71,9 +70,7 @@ fn a_leader_with_a_follower_behind_stays_awake() {
 /// A leader that goes to sleep tells each follower, with its term and last index.
 #[test]
 fn a_hibernating_leader_tells_its_followers() {
-    let mut s = hibernating_store(1);
-    let mut r = s.new_region(1, b"", b"", &[(11, 1), (12, 2), (13, 3)]);
-    s.campaign(&mut r, &[12, 13]);
+    let (mut s, mut r) = TestStore::three_voters_led_here(hibernate_soon);
     for _ in 0..3 {
         s.round(&mut r.fsm, vec![PeerMsg::Tick]);
         if r.fsm.peer.hibernating {
@@ -118,6 +115,14 @@ fn hibernate_msg(s: &TestStore, r: &TestRegion, last_index: u64) -> Msg {
     PeerMsg::RaftMessage(m)
 }
 
+/// The follower goes to sleep as its leader (at its last index) says, and stops ticking.
+fn must_sleep(s: &mut TestStore, r: &mut TestRegion) {
+    let msg = hibernate_msg(s, r, 6);
+    s.round(&mut r.fsm, vec![msg]);
+    assert!(r.fsm.peer.hibernating);
+    assert!(!awake(s, 1));
+}
+
 fn heartbeat(s: &TestStore, r: &TestRegion, commit: u64) -> Msg {
     let mut m = eraftpb::Message::default();
     m.set_msg_type(MessageType::MsgHeartbeat);
@@ -136,10 +141,7 @@ fn a_follower_sleeps_when_its_leader_says_so_and_wakes_on_news() {
     let stale = hibernate_msg(&s, &r, 5);
     s.round(&mut r.fsm, vec![stale]);
     assert!(!r.fsm.peer.hibernating);
-    let msg = hibernate_msg(&s, &r, 6);
-    s.round(&mut r.fsm, vec![msg]);
-    assert!(r.fsm.peer.hibernating);
-    assert!(!awake(&s, 1));
+    must_sleep(&mut s, &mut r);
     // The leader's last heartbeat carries nothing new: still asleep.
     let hb = heartbeat(&s, &r, 6);
     s.round(&mut r.fsm, vec![hb]);
@@ -156,9 +158,7 @@ fn a_follower_sleeps_when_its_leader_says_so_and_wakes_on_news() {
 fn a_sleeping_follower_asked_to_lead_wakes_the_group() {
     let mut s = hibernating_store(2);
     let mut r = follower(&mut s);
-    let msg = hibernate_msg(&s, &r, 6);
-    s.round(&mut r.fsm, vec![msg]);
-    assert!(r.fsm.peer.hibernating);
+    must_sleep(&mut s, &mut r);
     s.trans.take();
     let cmd = r.put_cmd(b"k", b"v");
     s.propose(&mut r, cmd);

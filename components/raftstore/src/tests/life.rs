@@ -96,19 +96,8 @@ fn heartbeat_msg(region_id: u64, to: (u64, u64), from: (u64, u64), conf_ver: u64
 #[test]
 fn a_tombstone_blocks_older_peers_but_not_a_newer_one() {
     let s = TestStore::new(1);
-    let tomb = metapb::Region {
-        id: 5,
-        region_epoch: Some(metapb::RegionEpoch {
-            conf_ver: 2,
-            version: 1,
-        }),
-        peers: vec![metapb::Peer {
-            id: 51,
-            store_id: 1,
-            role: 0,
-        }],
-        ..Default::default()
-    };
+    let mut tomb = crate::test_support::region_of(5, b"", b"", &[(51, 1)]);
+    tomb.region_epoch.as_mut().unwrap().conf_ver = 2;
     let mut wb = s.engine().write_batch();
     storage::write_region_state(&mut wb, &tomb, PeerState::Tombstone).unwrap();
     s.engine().write(wb, true).unwrap();

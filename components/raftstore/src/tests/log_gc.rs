@@ -1,10 +1,10 @@
 //! Raft log GC: what may be compacted, and what compaction removes.
 
 use crate::msg::{CasualMessage, PeerMsg};
-use crate::test_support::{TestRegion, TestStore};
+use crate::test_support::{admin_cmd, TestRegion, TestStore};
 use crate::Error;
 use atoll_engine::CF_RAFT;
-use atoll_proto::raft_cmdpb::{AdminCmdType, AdminRequest, CompactLogRequest, RaftCmdRequest};
+use atoll_proto::raft_cmdpb::{AdminCmdType, CompactLogRequest, RaftCmdRequest};
 use raft::{Storage, StorageError};
 
 fn write(s: &mut TestStore, r: &mut TestRegion, key: &[u8]) {
@@ -34,9 +34,7 @@ fn must_propose_compaction(r: &TestRegion) -> u64 {
 /// has (and what is applied).
 #[test]
 fn compaction_keeps_what_a_follower_still_needs() {
-    let mut s = TestStore::new(1);
-    let mut r = s.new_region(1, b"", b"", &[(11, 1), (12, 2), (13, 3)]);
-    s.campaign(&mut r, &[12, 13]);
+    let (mut s, mut r) = TestStore::three_voters_led_here(|_| {});
     let all_have = r.fsm.peer.raft_group.store().last_index();
     for k in [b"a", b"b", b"c"] {
         write(&mut s, &mut r, k);
@@ -57,8 +55,7 @@ fn compaction_keeps_what_a_follower_still_needs() {
 
 #[test]
 fn compaction_never_passes_the_applied_index() {
-    let mut s = TestStore::new(1);
-    let mut r = s.leader_region(1, b"", b"");
+    let (mut s, mut r) = TestStore::single_leader();
     write(&mut s, &mut r, b"a");
     s.settle(&mut r);
     let applied = r.fsm.peer.applied_index;
@@ -84,8 +81,7 @@ fn a_follower_proposes_no_compaction() {
 /// engine with the next round's write.
 #[test]
 fn an_applied_compaction_deletes_the_log_below_it() {
-    let mut s = TestStore::new(1);
-    let mut r = s.leader_region(1, b"", b"");
+    let (mut s, mut r) = TestStore::single_leader();
     for k in [b"a", b"b", b"c"] {
         write(&mut s, &mut r, k);
     }
@@ -112,36 +108,41 @@ fn an_applied_compaction_deletes_the_log_below_it() {
     assert_eq!(store.term(idx).unwrap(), r.fsm.peer.term());
 }
 
-fn compact_cmd(index: u64) -> RaftCmdRequest {
-    RaftCmdRequest {
-        header: None,
-        requests: vec![],
-        admin_request: Some(AdminRequest {
-            cmd_type: AdminCmdType::CompactLog as i32,
-            compact_log: Some(CompactLogRequest {
-                compact_index: index,
-                compact_term: 5,
-            }),
-            ..Default::default()
-        }),
-    }
+fn compact_cmd(r: &TestRegion, index: u64) -> RaftCmdRequest {
+    let compact_log = CompactLogRequest {
+        compact_index: index,
+        compact_term: 5,
+    };
+    admin_cmd(r, AdminCmdType::CompactLog, |a| {
+        a.compact_log = Some(compact_log)
+    })
 }
 
 #[test]
 fn the_apply_side_refuses_a_compaction_past_applied_and_ignores_an_old_one() {
-    let mut s = TestStore::new(1);
-    let mut r = s.leader_region(1, b"", b"");
+    let (_s, mut r) = TestStore::single_leader();
     let applied = r.apply.applied_index();
     assert!(matches!(
-        r.apply.exec_compact_log(&compact_cmd(applied + 1)),
+        {
+            let cmd = compact_cmd(&r, applied + 1);
+            r.apply.exec_compact_log(&cmd)
+        },
         Err(Error::InvalidRequest(_))
     ));
-    r.apply.exec_compact_log(&compact_cmd(5)).unwrap();
+    {
+        let cmd = compact_cmd(&r, 5);
+        r.apply.exec_compact_log(&cmd)
+    }
+    .unwrap();
     assert!(
         r.apply.exec_results.is_empty(),
         "nothing to compact at or below the truncated index"
     );
-    r.apply.exec_compact_log(&compact_cmd(applied)).unwrap();
+    {
+        let cmd = compact_cmd(&r, applied);
+        r.apply.exec_compact_log(&cmd)
+    }
+    .unwrap();
     assert_eq!(r.apply.exec_results.len(), 1);
     assert_eq!(r.apply.apply_state.truncated_state.unwrap().index, applied);
 }

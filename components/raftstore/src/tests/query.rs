@@ -1,10 +1,11 @@
 //! Reads: ReadIndex rounds, their callbacks, and the leader lease.
 
 use crate::msg::{PeerMsg, RegionSnapshot};
-use crate::test_support::{capture, must_fail, must_succeed, Answer, TestRegion, TestStore};
+use crate::test_support::{
+    must_fail, must_succeed, request, stale_epoch, Answer, TestRegion, TestStore,
+};
 use crate::Error;
 use atoll_engine::memory::MemorySnapshot;
-use atoll_proto::metapb;
 use std::time::Instant;
 
 type ReadAnswer = Answer<crate::Result<RegionSnapshot<MemorySnapshot>>>;
@@ -15,14 +16,9 @@ fn read_with(
     r: &mut TestRegion,
     header: atoll_proto::raft_cmdpb::RaftRequestHeader,
 ) -> ReadAnswer {
-    let (cb, res) = capture();
-    s.round(
-        &mut r.fsm,
-        vec![PeerMsg::ReadIndex {
-            header: Box::new(header),
-            cb,
-        }],
-    );
+    let header = Box::new(header);
+    let (msg, res) = request(|cb| PeerMsg::ReadIndex { header, cb });
+    s.round(&mut r.fsm, vec![msg]);
     res
 }
 
@@ -33,8 +29,7 @@ fn read(s: &mut TestStore, r: &mut TestRegion) -> ReadAnswer {
 
 #[test]
 fn a_read_on_a_single_voter_leader_sees_every_applied_write() {
-    let mut s = TestStore::new(1);
-    let mut r = s.leader_region(1, b"", b"");
+    let (mut s, mut r) = TestStore::single_leader();
     let written = s.must_write(&mut r, b"k", b"v").index;
     let res = read(&mut s, &mut r);
     s.settle(&mut r);
@@ -54,13 +49,9 @@ fn a_follower_refuses_reads() {
 
 #[test]
 fn a_read_with_a_stale_epoch_is_refused() {
-    let mut s = TestStore::new(1);
-    let mut r = s.leader_region(1, b"", b"");
+    let (mut s, mut r) = TestStore::single_leader();
     let mut header = r.fsm.peer.header();
-    header.region_epoch = Some(metapb::RegionEpoch {
-        conf_ver: 1,
-        version: 0,
-    });
+    header.region_epoch = Some(stale_epoch());
     let res = read_with(&mut s, &mut r, header);
     assert!(matches!(must_fail(&res), Error::EpochNotMatch { .. }));
 }
@@ -68,9 +59,7 @@ fn a_read_with_a_stale_epoch_is_refused() {
 /// With three voters a read waits until a quorum answered the heartbeat that carries it.
 #[test]
 fn a_read_waits_for_a_quorum_to_confirm_the_leader() {
-    let mut s = TestStore::new(1);
-    let mut r = s.new_region(1, b"", b"", &[(11, 1), (12, 2), (13, 3)]);
-    s.campaign(&mut r, &[12, 13]);
+    let (mut s, mut r) = TestStore::three_voters_led_here(|_| {});
     let res = read(&mut s, &mut r);
     s.settle(&mut r);
     assert!(res.lock().is_none(), "answered without confirmation");
@@ -84,9 +73,7 @@ fn a_read_waits_for_a_quorum_to_confirm_the_leader() {
 
 #[test]
 fn pending_reads_of_a_destroyed_peer_fail_with_region_not_found() {
-    let mut s = TestStore::new(1);
-    let mut r = s.new_region(1, b"", b"", &[(11, 1), (12, 2), (13, 3)]);
-    s.campaign(&mut r, &[12, 13]);
+    let (mut s, mut r) = TestStore::three_voters_led_here(|_| {});
     let res = read(&mut s, &mut r);
     s.round(&mut r.fsm, vec![PeerMsg::Destroy]);
     assert!(matches!(must_fail(&res), Error::RegionNotFound(1)));
@@ -96,8 +83,7 @@ fn pending_reads_of_a_destroyed_peer_fail_with_region_not_found() {
 /// a leader transfer ends it for the rest of the term.
 #[test]
 fn a_committed_write_renews_the_lease_and_a_transfer_ends_it() {
-    let mut s = TestStore::new(1);
-    let mut r = s.leader_region(1, b"", b"");
+    let (mut s, mut r) = TestStore::single_leader();
     s.must_write(&mut r, b"k", b"v");
     let lease = s.ctx.meta.lock().readers[&1].lease.clone();
     assert!(lease.is_valid_at(Instant::now()));

@@ -48,11 +48,9 @@ fn a_follower_answers_an_append_only_after_persisting_it() {
 #[test]
 fn a_vote_is_persisted_before_it_is_granted() {
     // No leases: a store that just started would hold its vote for an election timeout.
-    let cfg = crate::Config {
-        raft_max_leader_lease: Some(atoll_util::config::ReadableDuration::secs(0)),
-        ..crate::test_support::test_config()
-    };
-    let mut s = TestStore::with_config(2, cfg);
+    let mut s = TestStore::configured(2, |c| {
+        c.raft_max_leader_lease = Some(atoll_util::config::ReadableDuration::secs(0))
+    });
     let mut r = s.new_region(1, b"", b"", &[(11, 1), (12, 2), (13, 3)]);
     let votes = Arc::new(Mutex::new(vec![]));
     let (engine, out) = (s.engine().clone(), votes.clone());
@@ -84,20 +82,11 @@ fn a_vote_is_persisted_before_it_is_granted() {
 
 #[test]
 fn a_leader_sends_appends_before_its_own_write() {
-    let mut s = TestStore::new(1);
-    let mut r = s.new_region(1, b"", b"", &[(11, 1), (12, 2), (13, 3)]);
-    s.campaign(&mut r, &[12, 13]);
+    let (mut s, mut r) = TestStore::three_voters_led_here(|_| {});
     s.trans.take();
     let last = r.fsm.peer.raft_group.store().last_index();
-    let (cb, _res) = capture();
     let cmd = r.put_cmd(b"k", b"v");
-    s.handle(
-        &mut r.fsm,
-        vec![PeerMsg::RaftCommand {
-            cmd: Box::new(cmd),
-            cb,
-        }],
-    );
+    let _res = s.handle_cmd(&mut r, cmd);
     let key = atoll_keys::raft_log_key(1, last + 1);
     assert!(
         s.trans.has_sent(MessageType::MsgAppend),
@@ -113,17 +102,9 @@ fn a_leader_sends_appends_before_its_own_write() {
 
 #[test]
 fn committed_entries_reach_the_apply_side_only_after_the_write() {
-    let mut s = TestStore::new(1);
-    let mut r = s.leader_region(1, b"", b"");
-    let (cb, res) = capture();
+    let (mut s, mut r) = TestStore::single_leader();
     let cmd = r.put_cmd(b"k", b"v");
-    s.handle(
-        &mut r.fsm,
-        vec![PeerMsg::RaftCommand {
-            cmd: Box::new(cmd),
-            cb,
-        }],
-    );
+    let res = s.handle_cmd(&mut r, cmd);
     assert!(
         s.take_apply_msgs(1).is_empty(),
         "nothing applied before the write"
@@ -174,8 +155,7 @@ fn one_synced_write_serves_every_region_of_a_round() {
 
 #[test]
 fn apply_results_move_the_raft_side_applied_index() {
-    let mut s = TestStore::new(1);
-    let mut r = s.leader_region(1, b"", b"");
+    let (mut s, mut r) = TestStore::single_leader();
     let index = s.must_write(&mut r, b"k", b"v").index;
     assert_eq!(r.fsm.peer.applied_index, index);
     assert_eq!(r.fsm.peer.raft_group.store().applied_index(), index);
@@ -193,11 +173,9 @@ fn apply_results_move_the_raft_side_applied_index() {
 /// catches up: they stay in the log, then go over with the next apply result.
 #[test]
 fn a_lagging_apply_holds_committed_entries_in_the_log() {
-    let cfg = crate::Config {
-        apply_max_pending_size: atoll_util::config::ReadableSize(1),
-        ..crate::test_support::test_config()
-    };
-    let mut s = TestStore::with_config(1, cfg);
+    let mut s = TestStore::configured(1, |c| {
+        c.apply_max_pending_size = atoll_util::config::ReadableSize(1)
+    });
     let mut r = s.leader_region(1, b"", b"");
     let c1 = r.put_cmd(b"a", b"1");
     s.propose(&mut r, c1);

@@ -2,7 +2,9 @@
 
 use crate::msg::{CasualMessage, PeerMsg};
 use crate::operation::split::{check_split_keys, validate_split_requests};
-use crate::test_support::{capture, must_answer, must_fail, TestRegion, TestStore};
+use crate::test_support::{
+    capture, must_answer, must_fail, must_not_append, stale_epoch, TestRegion, TestStore,
+};
 use crate::Error;
 use atoll_proto::raft_cmdpb::{BatchSplitRequest, SplitRequest};
 use atoll_proto::raft_serverpb::PeerState;
@@ -156,8 +158,7 @@ fn an_applied_split_creates_the_new_region_with_its_range_and_epoch() {
 
 #[test]
 fn a_batch_split_chains_the_ranges_and_keeps_an_unbounded_end() {
-    let mut s = TestStore::new(1);
-    let mut r = s.leader_region(1, b"", b"");
+    let (mut s, mut r) = TestStore::single_leader();
     let resp = split(&mut s, &mut r, &[b"g", b"p"], &[(2, 21), (3, 31)]).unwrap();
     let ranges: Vec<(u64, Vec<u8>, Vec<u8>)> = resp
         .regions
@@ -180,28 +181,19 @@ fn a_batch_split_chains_the_ranges_and_keeps_an_unbounded_end() {
 
 #[test]
 fn a_split_with_the_wrong_number_of_ids_is_refused() {
-    let mut s = TestStore::new(1);
-    let mut r = s.leader_region(1, b"", b"");
+    let (mut s, mut r) = TestStore::single_leader();
     let last = r.fsm.peer.raft_group.store().last_index();
     let err = split(&mut s, &mut r, &[b"g", b"p"], &[(2, 21)]).unwrap_err();
     assert!(matches!(err, Error::Other(_)));
-    assert_eq!(
-        r.fsm.peer.raft_group.store().last_index(),
-        last,
-        "nothing proposed"
-    );
+    must_not_append(&r, last);
 }
 
 #[test]
 fn a_split_of_a_stale_epoch_is_refused() {
-    let mut s = TestStore::new(1);
-    let mut r = s.leader_region(1, b"", b"");
+    let (mut s, mut r) = TestStore::single_leader();
     let (cb, res) = capture();
     let msg = PeerMsg::Casual(CasualMessage::SplitRegion {
-        epoch: metapb::RegionEpoch {
-            conf_ver: 1,
-            version: 0,
-        },
+        epoch: stale_epoch(),
         split_keys: vec![b"k".to_vec()],
         cb: Some(cb),
     });

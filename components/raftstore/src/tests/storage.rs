@@ -11,15 +11,7 @@ use raft::{GetEntriesContext, Storage, StorageError};
 const FIRST: u64 = RAFT_INIT_LOG_INDEX + 1;
 
 fn region() -> metapb::Region {
-    metapb::Region {
-        id: 1,
-        peers: vec![metapb::Peer {
-            id: 2,
-            store_id: 1,
-            role: 0,
-        }],
-        ..Default::default()
-    }
+    crate::test_support::region_of(1, b"", b"", &[(2, 1)])
 }
 
 fn new_storage(engine: &MemoryEngine, cache_limit: usize) -> PeerStorage<MemoryEngine> {

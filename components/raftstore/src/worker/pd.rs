@@ -101,13 +101,7 @@ fn handle<E: KvEngine>(ctx: &Arc<StoreContext<E>>, pd: &Arc<dyn PdClient>, task:
                             cb,
                         };
                         if let Err(e) = ctx.router.force_send(region_id, PeerMsg::Casual(msg)) {
-                            if let PeerMsg::Casual(CasualMessage::ProposeSplit {
-                                cb: Some(cb),
-                                ..
-                            }) = e.into_inner()
-                            {
-                                cb(Err(Error::RegionNotFound(region_id)));
-                            }
+                            e.into_inner().refuse(Error::RegionNotFound(region_id));
                         }
                     }
                     Err(e) => {
