@@ -182,7 +182,7 @@ impl Node {
             }
         });
         let store = RaftStore::start(StoreDeps {
-            store_id,
+            store_id: atoll_raftstore::StoreId(store_id),
             cfg: cfg.raftstore.clone(),
             engine: engine.clone(),
             trans: Arc::new(transport.clone()),
@@ -263,7 +263,7 @@ impl Node {
                     .collect();
                 serde_json::json!({
                     "engine": engine,
-                    "store_id": r.store_id(),
+                    "store_id": r.store_id().get(),
                     "regions": r.region_count(),
                     "leaders": r.leader_count(),
                     "awake_regions": r.awake_count(),

@@ -1,6 +1,7 @@
 //! The batched Multi-Raft store on an in-process cluster (issue: foundation).
 //! Raw data below the transaction layer; see atoll-test-cluster.
 
+use atoll_raftstore::RegionId;
 use atoll_test_cluster::{wait_until, Cluster, IsolateStore};
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
@@ -114,7 +115,7 @@ fn partitioned_minority_serves_nothing() {
     assert!(wait_until(Duration::from_secs(10), || c
         .running_stores()
         .iter()
-        .any(|s| *s != old && c.router(*s).is_leader(1))));
+        .any(|s| *s != old && c.router(*s).is_leader(RegionId(1)))));
     c.must_put(b"a", b"2");
     c.must_get_equal(b"a", b"2");
     c.net.remove_filter(fid);
@@ -246,7 +247,7 @@ fn add_and_remove_peers() {
     assert!(
         wait_until(Duration::from_secs(20), || c
             .router(victim.store_id)
-            .region(1)
+            .region(RegionId(1))
             .is_none()),
         "removed peer not destroyed"
     );
@@ -445,7 +446,7 @@ fn lease_reads_need_no_messages_and_end_before_a_new_leader_is_elected() {
         new = c
             .running_stores()
             .into_iter()
-            .find(|s| *s != old && c.router(*s).is_leader(1));
+            .find(|s| *s != old && c.router(*s).is_leader(RegionId(1)));
         new.is_some()
     }));
     let elected = renewed.elapsed();
@@ -483,7 +484,7 @@ fn leader_transfer_ends_the_lease() {
     // A transfer's candidate is elected with votes that ignore leases, at once.
     assert!(wait_until(Duration::from_secs(5), || c
         .router(target)
-        .is_leader(1)));
+        .is_leader(RegionId(1))));
     c.put_on(target, &region, b"k", b"2", Duration::from_secs(5))
         .expect("the new leader writes");
     assert_no_lease_read(
@@ -516,10 +517,10 @@ fn restarted_store_holds_its_vote_while_a_lease_may_run() {
     c.restart_store(voter);
     let restarted = Instant::now();
     c.router(candidate)
-        .send_casual(1, atoll_raftstore::msg::CasualMessage::Campaign);
+        .send_casual(RegionId(1), atoll_raftstore::msg::CasualMessage::Campaign);
     let mut acked = None;
     while renewed.elapsed() < LEASE {
-        if c.router(candidate).is_leader(1)
+        if c.router(candidate).is_leader(RegionId(1))
             && c.put_on(candidate, &region, b"k", b"2", Duration::from_millis(100))
                 .is_ok()
         {
@@ -546,7 +547,7 @@ fn restarted_store_holds_its_vote_while_a_lease_may_run() {
     assert!(wait_until(Duration::from_secs(15), || c
         .running_stores()
         .into_iter()
-        .any(|s| s != leader && c.router(s).is_leader(1))));
+        .any(|s| s != leader && c.router(s).is_leader(RegionId(1)))));
     c.must_put(b"k", b"3");
     assert_no_lease_read(&c, leader, &region, "lease outlived a new leader");
 }

@@ -9,7 +9,7 @@ use crate::msg::{
     CasualMessage, PeerMsg, ReadCallback, RegionSnapshot, StoreMsg, WriteCallback, WriteResponse,
 };
 use crate::snap::SnapManager;
-use crate::{util, Config, Error, Result};
+use crate::{util, Config, Error, PeerId, RegionId, Result, StoreId};
 use atoll_engine::{KvEngine, DATA_CFS};
 use atoll_proto::metapb;
 use atoll_proto::raft_cmdpb::{RaftCmdRequest, RaftRequestHeader};
@@ -37,8 +37,8 @@ impl<E: KvEngine> Clone for RaftRouter<E> {
 }
 
 impl<E: KvEngine> RaftRouter<E> {
-    pub fn store_id(&self) -> u64 {
-        self.ctx.store_id
+    pub fn store_id(&self) -> StoreId {
+        StoreId(self.ctx.store_id)
     }
 
     pub fn engine(&self) -> &E {
@@ -187,9 +187,10 @@ impl<E: KvEngine> RaftRouter<E> {
     /// reads must use [`read_index`](Self::read_index).
     pub fn local_leader_snapshot(
         &self,
-        region_id: u64,
+        region_id: RegionId,
         epoch: Option<&metapb::RegionEpoch>,
     ) -> Result<RegionSnapshot<E::Snapshot>> {
+        let region_id = region_id.get();
         let d = {
             let meta = self.ctx.meta.lock();
             meta.readers.get(&region_id).cloned()
@@ -245,25 +246,25 @@ impl<E: KvEngine> RaftRouter<E> {
             .collect()
     }
 
-    pub fn region(&self, region_id: u64) -> Option<metapb::Region> {
-        self.ctx.meta.lock().regions.get(&region_id).cloned()
+    pub fn region(&self, region_id: RegionId) -> Option<metapb::Region> {
+        self.ctx.meta.lock().regions.get(&region_id.get()).cloned()
     }
 
-    pub fn leader_of(&self, region_id: u64) -> Option<metapb::Peer> {
+    pub fn leader_of(&self, region_id: RegionId) -> Option<metapb::Peer> {
         self.ctx
             .meta
             .lock()
             .readers
-            .get(&region_id)
+            .get(&region_id.get())
             .and_then(|d| d.leader)
     }
 
-    pub fn is_leader(&self, region_id: u64) -> bool {
+    pub fn is_leader(&self, region_id: RegionId) -> bool {
         self.ctx
             .meta
             .lock()
             .readers
-            .get(&region_id)
+            .get(&region_id.get())
             .is_some_and(|d| d.term > 0)
     }
 
@@ -282,11 +283,12 @@ impl<E: KvEngine> RaftRouter<E> {
     /// Split `region_id` at `keys` (ids come from PD).
     pub fn split(
         &self,
-        region_id: u64,
+        region_id: RegionId,
         epoch: metapb::RegionEpoch,
         keys: Vec<Vec<u8>>,
         cb: WriteCallback,
     ) {
+        let region_id = region_id.get();
         let msg = PeerMsg::Casual(CasualMessage::SplitRegion {
             epoch,
             split_keys: keys,
@@ -299,47 +301,53 @@ impl<E: KvEngine> RaftRouter<E> {
 
     pub async fn split_async(
         &self,
-        region_id: u64,
+        region_id: RegionId,
         epoch: metapb::RegionEpoch,
         keys: Vec<Vec<u8>>,
     ) -> Result<WriteResponse> {
         answer(|cb| self.split(region_id, epoch, keys, cb)).await
     }
 
-    pub fn send_casual(&self, region_id: u64, msg: CasualMessage) -> bool {
+    pub fn send_casual(&self, region_id: RegionId, msg: CasualMessage) -> bool {
         self.ctx
             .router
-            .force_send(region_id, PeerMsg::Casual(msg))
+            .force_send(region_id.get(), PeerMsg::Casual(msg))
             .is_ok()
     }
 
     /// The transport lost `store_id`: wake regions with peers there.
     /// The transport could not reach `store_id`.
-    pub fn report_unreachable(&self, store_id: u64) {
-        if let Some(t) = self.ctx.liveness.unreachable(store_id, Instant::now()) {
+    pub fn report_unreachable(&self, store_id: StoreId) {
+        if let Some(t) = self
+            .ctx
+            .liveness
+            .unreachable(store_id.get(), Instant::now())
+        {
             self.ctx.on_liveness(t);
         }
     }
 
     /// A batch (or keep-alive) arrived from `store_id`.
-    pub fn on_store_heard(&self, store_id: u64) {
-        if let Some(t) = self.ctx.liveness.heard(store_id, Instant::now()) {
+    pub fn on_store_heard(&self, store_id: StoreId) {
+        if let Some(t) = self.ctx.liveness.heard(store_id.get(), Instant::now()) {
             self.ctx.on_liveness(t);
         }
     }
 
-    pub fn report_peer_unreachable(&self, region_id: u64, to_peer_id: u64) {
+    pub fn report_peer_unreachable(&self, region_id: RegionId, to_peer_id: PeerId) {
+        let to_peer_id = to_peer_id.get();
         let _ = self
             .ctx
             .router
-            .force_send(region_id, PeerMsg::Unreachable { to_peer_id });
+            .force_send(region_id.get(), PeerMsg::Unreachable { to_peer_id });
     }
 
-    pub fn report_snapshot_status(&self, region_id: u64, to_peer_id: u64, ok: bool) {
+    pub fn report_snapshot_status(&self, region_id: RegionId, to_peer_id: PeerId, ok: bool) {
+        let to_peer_id = to_peer_id.get();
         let _ = self
             .ctx
             .router
-            .force_send(region_id, PeerMsg::SnapshotStatus { to_peer_id, ok });
+            .force_send(region_id.get(), PeerMsg::SnapshotStatus { to_peer_id, ok });
         self.ctx
             .metrics
             .on_snapshot(if ok { "sent" } else { "send_failed" });

@@ -15,7 +15,7 @@ use crate::snap::SnapManager;
 use crate::task::{RegionTask, SplitCheckMsg};
 use crate::transport::Transport;
 use crate::worker::{pd as pd_worker, region as region_worker, split_check};
-use crate::{util, Config, Error, Result};
+use crate::{util, Config, Error, Result, StoreId};
 use atoll_engine::{KvEngine, CF_RAFT};
 use atoll_pd_client::PdClient;
 use atoll_proto::pdpb;
@@ -29,7 +29,7 @@ use std::time::Instant;
 
 /// What a store needs to start.
 pub struct StoreDeps<E: KvEngine> {
-    pub store_id: u64,
+    pub store_id: StoreId,
     pub cfg: Config,
     pub engine: E,
     pub trans: Arc<dyn Transport>,
@@ -55,7 +55,7 @@ impl<E: KvEngine> RaftStore<E> {
             .validate()
             .map_err(|e| Error::Other(e.to_string()))?;
         let (ctx, systems, receivers) = StoreContext::build(
-            deps.store_id,
+            deps.store_id.get(),
             deps.cfg,
             deps.engine,
             deps.trans,
