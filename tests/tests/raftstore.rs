@@ -161,13 +161,17 @@ fn compacted_follower_catches_up_by_snapshot() {
             "key {i}"
         );
     }
-    let applied_after = c
-        .router(follower)
-        .metrics()
-        .snapshots_applied
-        .load(std::sync::atomic::Ordering::Relaxed);
+    // The snapshot's data is in the engine (read above) before its apply state is written and
+    // the raft side counts it: wait for the count rather than race it.
+    let router = c.router(follower);
+    let applied = || {
+        router
+            .metrics()
+            .snapshots_applied
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
     assert!(
-        applied_after > applied_before,
+        wait_until(Duration::from_secs(10), || applied() > applied_before),
         "the follower did not catch up by snapshot"
     );
     // And it keeps following from the log afterwards.
