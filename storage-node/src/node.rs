@@ -10,11 +10,11 @@ use atoll_proto::kvrpcpb::kv_server::KvServer;
 use atoll_proto::raft_serverpb::raft_server::RaftServer;
 use atoll_proto::raft_serverpb::StoreIdent;
 use atoll_proto::{metapb, pdpb};
-use atoll_raftstore::snap::SnapManager;
-use atoll_raftstore::store::{
+use atoll_raftstore::bootstrap::{
     check_data_format, clear_prepared_bootstrap, has_regions, load_store_ident,
     prepare_bootstrap_region, write_store_ident,
 };
+use atoll_raftstore::snap::SnapManager;
 use atoll_raftstore::{RaftRouter, RaftStore, StoreDeps};
 use atoll_storage::Storage;
 use atoll_transport::{GrpcTransport, PdStoreResolver, RaftService, TransportConfig};
@@ -182,7 +182,7 @@ impl Node {
             }
         });
         let store = RaftStore::start(StoreDeps {
-            store_id,
+            store_id: atoll_raftstore::StoreId(store_id),
             cfg: cfg.raftstore.clone(),
             engine: engine.clone(),
             trans: Arc::new(transport.clone()),
@@ -266,7 +266,7 @@ impl Node {
                     .collect();
                 serde_json::json!({
                     "engine": engine,
-                    "store_id": r.store_id(),
+                    "store_id": r.store_id().get(),
                     "regions": r.region_count(),
                     "leaders": r.leader_count(),
                     "awake_regions": r.awake_count(),

@@ -723,7 +723,7 @@ fn follower_catches_up_despite_failing_snapshots(
     c.must_compact_log(1, u64::MAX);
     let leader_engine = c.engine(leader).clone();
     assert!(wait_until(Duration::from_secs(10), || {
-        let s = atoll_raftstore::storage::load_apply_state(&leader_engine, 1)
+        let s = atoll_raftstore::raft::storage::load_apply_state(&leader_engine, 1)
             .unwrap()
             .unwrap();
         s.truncated_state.unwrap().index > 100

@@ -1,6 +1,7 @@
 //! The batched Multi-Raft store on an in-process cluster (issue: foundation).
 //! Raw data below the transaction layer; see atoll-test-cluster.
 
+use atoll_raftstore::RegionId;
 use atoll_test_cluster::{wait_until, Cluster, IsolateStore};
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
@@ -114,7 +115,7 @@ fn partitioned_minority_serves_nothing() {
     assert!(wait_until(Duration::from_secs(10), || c
         .running_stores()
         .iter()
-        .any(|s| *s != old && c.router(*s).is_leader(1))));
+        .any(|s| *s != old && c.router(*s).is_leader(RegionId(1)))));
     c.must_put(b"a", b"2");
     c.must_get_equal(b"a", b"2");
     c.net.remove_filter(fid);
@@ -145,7 +146,7 @@ fn compacted_follower_catches_up_by_snapshot() {
     c.must_compact_log(1, u64::MAX);
     let leader_engine = c.engine(leader).clone();
     assert!(wait_until(Duration::from_secs(10), || {
-        let s = atoll_raftstore::storage::load_apply_state(&leader_engine, 1)
+        let s = atoll_raftstore::raft::storage::load_apply_state(&leader_engine, 1)
             .unwrap()
             .unwrap();
         s.truncated_state.unwrap().index > 100
@@ -160,13 +161,17 @@ fn compacted_follower_catches_up_by_snapshot() {
             "key {i}"
         );
     }
-    let applied_after = c
-        .router(follower)
-        .metrics()
-        .snapshots_applied
-        .load(std::sync::atomic::Ordering::Relaxed);
+    // The snapshot's data is in the engine (read above) before its apply state is written and
+    // the raft side counts it: wait for the count rather than race it.
+    let router = c.router(follower);
+    let applied = || {
+        router
+            .metrics()
+            .snapshots_applied
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
     assert!(
-        applied_after > applied_before,
+        wait_until(Duration::from_secs(10), || applied() > applied_before),
         "the follower did not catch up by snapshot"
     );
     // And it keeps following from the log afterwards.
@@ -246,7 +251,7 @@ fn add_and_remove_peers() {
     assert!(
         wait_until(Duration::from_secs(20), || c
             .router(victim.store_id)
-            .region(1)
+            .region(RegionId(1))
             .is_none()),
         "removed peer not destroyed"
     );
@@ -445,7 +450,7 @@ fn lease_reads_need_no_messages_and_end_before_a_new_leader_is_elected() {
         new = c
             .running_stores()
             .into_iter()
-            .find(|s| *s != old && c.router(*s).is_leader(1));
+            .find(|s| *s != old && c.router(*s).is_leader(RegionId(1)));
         new.is_some()
     }));
     let elected = renewed.elapsed();
@@ -483,7 +488,7 @@ fn leader_transfer_ends_the_lease() {
     // A transfer's candidate is elected with votes that ignore leases, at once.
     assert!(wait_until(Duration::from_secs(5), || c
         .router(target)
-        .is_leader(1)));
+        .is_leader(RegionId(1))));
     c.put_on(target, &region, b"k", b"2", Duration::from_secs(5))
         .expect("the new leader writes");
     assert_no_lease_read(
@@ -516,10 +521,10 @@ fn restarted_store_holds_its_vote_while_a_lease_may_run() {
     c.restart_store(voter);
     let restarted = Instant::now();
     c.router(candidate)
-        .send_casual(1, atoll_raftstore::msg::CasualMessage::Campaign);
+        .send_casual(RegionId(1), atoll_raftstore::msg::CasualMessage::Campaign);
     let mut acked = None;
     while renewed.elapsed() < LEASE {
-        if c.router(candidate).is_leader(1)
+        if c.router(candidate).is_leader(RegionId(1))
             && c.put_on(candidate, &region, b"k", b"2", Duration::from_millis(100))
                 .is_ok()
         {
@@ -546,7 +551,7 @@ fn restarted_store_holds_its_vote_while_a_lease_may_run() {
     assert!(wait_until(Duration::from_secs(15), || c
         .running_stores()
         .into_iter()
-        .any(|s| s != leader && c.router(s).is_leader(1))));
+        .any(|s| s != leader && c.router(s).is_leader(RegionId(1)))));
     c.must_put(b"k", b"3");
     assert_no_lease_read(&c, leader, &region, "lease outlived a new leader");
 }

@@ -64,11 +64,13 @@ impl LocalStore for RocksLocalStore {
         let mut s = RaftStatus::default();
         for (region, _) in self.router.regions() {
             // A peer destroyed meanwhile has no states any more: skip it.
-            if let Ok(Some(r)) = atoll_raftstore::storage::load_raft_state(engine, region.id) {
+            if let Ok(Some(r)) = atoll_raftstore::raft::storage::load_raft_state(engine, region.id)
+            {
                 s.term = s.term.max(r.term);
                 s.commit_index = s.commit_index.max(r.commit);
             }
-            if let Ok(Some(a)) = atoll_raftstore::storage::load_apply_state(engine, region.id) {
+            if let Ok(Some(a)) = atoll_raftstore::raft::storage::load_apply_state(engine, region.id)
+            {
                 s.applied_index = s.applied_index.max(a.applied_index);
                 // The hard state on disk may trail what was applied (it is persisted with the
                 // next raft round): what was applied was committed.

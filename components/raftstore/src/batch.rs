@@ -135,7 +135,7 @@ impl<F: Fsm> Mailbox<F> {
     }
 
     /// Moves queued messages into `out` (which must be empty).
-    fn drain_into(&self, out: &mut VecDeque<F::Message>) {
+    pub(crate) fn drain_into(&self, out: &mut VecDeque<F::Message>) {
         let mut slot = self.inner.slot.lock();
         std::mem::swap(&mut slot.queue, out);
     }

@@ -3,6 +3,7 @@
 //! whether a new range overlaps), the read delegates (who may serve leader snapshots), and
 //! messages parked for regions that a pending split will create.
 
+use crate::util;
 use atoll_proto::metapb;
 use atoll_proto::raft_serverpb::RaftMessage;
 use std::collections::{BTreeMap, HashMap};
@@ -19,10 +20,9 @@ pub enum RangeEnd {
 
 impl RangeEnd {
     pub fn of(end_key: &[u8]) -> Self {
-        if end_key.is_empty() {
-            RangeEnd::Infinity
-        } else {
-            RangeEnd::Key(end_key.to_vec())
+        match util::region_end(end_key) {
+            Some(k) => RangeEnd::Key(k.to_vec()),
+            None => RangeEnd::Infinity,
         }
     }
 }
@@ -171,7 +171,7 @@ impl StoreMeta {
             let Some(r) = self.regions.get(id) else {
                 continue;
             };
-            if !end.is_empty() && r.start_key.as_slice() >= end {
+            if !util::is_before_end(&r.start_key, end) {
                 break;
             }
             if *id != except && atoll_keys::ranges_overlap(start, end, &r.start_key, &r.end_key) {

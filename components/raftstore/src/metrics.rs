@@ -8,12 +8,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 metric!(static RAFT_SYNCED_WRITE_BATCHES: IntCounter = int_counter(
     "atoll_raftstore_synced_write_batches_total",
     "Synced write batches of raft state (one per poll round that had anything to persist)"));
+metric!(static RAFT_PROPOSALS: IntCounterVec = int_counter_vec(
+    "atoll_raftstore_proposals_total", "Proposals by kind", &["kind"]));
 metric!(static RAFT_POLL_ROUNDS: IntCounter = int_counter(
     "atoll_raftstore_poll_rounds_total", "Raft poller rounds"));
 metric!(static RAFT_READY_REGIONS: IntCounter = int_counter(
     "atoll_raftstore_ready_regions_total", "Regions with a raft ready, summed over rounds"));
-metric!(static RAFT_PROPOSALS: IntCounterVec = int_counter_vec(
-    "atoll_raftstore_proposals_total", "Proposals by kind", &["kind"]));
 metric!(static RAFT_WRITE_DURATION: Histogram = histogram(
     "atoll_raftstore_raft_write_duration_seconds", "Time to write and sync one round's raft batch",
     atoll_util::metrics::latency_buckets()));
@@ -63,6 +63,14 @@ fn inc(a: &AtomicU64, n: u64) {
     a.fetch_add(n, Ordering::Relaxed);
 }
 
+/// One round that handled `n` items: counted here and in Prometheus.
+fn on_round(rounds: (&AtomicU64, &IntCounter), items: (&AtomicU64, &IntCounter), n: u64) {
+    inc(rounds.0, 1);
+    inc(items.0, n);
+    rounds.1.inc();
+    items.1.inc_by(n);
+}
+
 impl StoreMetrics {
     pub fn on_read(&self, lease: bool) {
         if lease {
@@ -80,20 +88,20 @@ impl StoreMetrics {
         RAFT_WRITE_DURATION.observe(secs);
     }
     pub fn on_poll_round(&self, ready_regions: u64) {
-        inc(&self.poll_rounds, 1);
-        inc(&self.ready_regions, ready_regions);
-        RAFT_POLL_ROUNDS.inc();
-        RAFT_READY_REGIONS.inc_by(ready_regions);
+        let rounds = (&self.poll_rounds, &*RAFT_POLL_ROUNDS);
+        on_round(
+            rounds,
+            (&self.ready_regions, &*RAFT_READY_REGIONS),
+            ready_regions,
+        );
     }
     pub fn on_proposal(&self, kind: &str) {
         inc(&self.proposals, 1);
         RAFT_PROPOSALS.with_label_values(&[kind]).inc();
     }
     pub fn on_apply_round(&self, entries: u64) {
-        inc(&self.apply_rounds, 1);
-        inc(&self.applied_entries, entries);
-        APPLY_ROUNDS.inc();
-        APPLIED_ENTRIES.inc_by(entries);
+        let rounds = (&self.apply_rounds, &*APPLY_ROUNDS);
+        on_round(rounds, (&self.applied_entries, &*APPLIED_ENTRIES), entries);
     }
     pub fn on_dropped(&self, reason: &str) {
         inc(&self.dropped_messages, 1);

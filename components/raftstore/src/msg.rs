@@ -1,6 +1,6 @@
 //! Messages between the parts of a store, and the callbacks that answer requests.
 
-use crate::Result;
+use crate::{Error, Result};
 use atoll_engine::KvEngine;
 use atoll_proto::raft_cmdpb::{RaftCmdRequest, RaftRequestHeader};
 use atoll_proto::raft_serverpb::RaftMessage;
@@ -37,7 +37,8 @@ pub struct WriteResponse {
     pub term: u64,
 }
 
-pub type WriteCallback = Box<dyn FnOnce(Result<WriteResponse>) + Send>;
+pub type WriteResult = Result<WriteResponse>;
+pub type WriteCallback = Box<dyn FnOnce(WriteResult) + Send>;
 pub type ReadCallback<S> = Box<dyn FnOnce(Result<RegionSnapshot<S>>) + Send>;
 
 /// Results of applying entries, sent from the apply side back to the raft side.
@@ -141,6 +142,21 @@ pub enum PeerMsg<E: KvEngine> {
     Destroy,
     /// The apply side stopped for good: finish destroying.
     ApplyDestroyed,
+}
+
+impl<E: KvEngine> PeerMsg<E> {
+    /// Answers the request this message carries, if any, with `err`: it was not delivered.
+    pub fn refuse(self, err: Error) {
+        match self {
+            PeerMsg::RaftCommand { cb, .. } => cb(Err(err)),
+            PeerMsg::ReadIndex { cb, .. } => cb(Err(err)),
+            PeerMsg::Casual(
+                CasualMessage::SplitRegion { cb: Some(cb), .. }
+                | CasualMessage::ProposeSplit { cb: Some(cb), .. },
+            ) => cb(Err(err)),
+            _ => {}
+        }
+    }
 }
 
 pub enum StoreMsg {

@@ -69,16 +69,36 @@ pub fn check_epoch(
     Ok(())
 }
 
+/// The one reading of a region's end key: `None` when the region is unbounded above (its end
+/// key is empty).
+pub fn region_end(end_key: &[u8]) -> Option<&[u8]> {
+    (!end_key.is_empty()).then_some(end_key)
+}
+
+/// Whether `key` lies before the range end `end_key` (an empty end is +infinity).
+pub fn is_before_end(key: &[u8], end_key: &[u8]) -> bool {
+    region_end(end_key).is_none_or(|e| key < e)
+}
+
+/// Whether `end`, the exclusive end of a range of keys, stays within the region.
+pub fn end_within_region(end: &[u8], region: &metapb::Region) -> bool {
+    region_end(&region.end_key).is_none_or(|e| end <= e)
+}
+
+pub fn key_not_in_region(key: Vec<u8>, region: &metapb::Region) -> Error {
+    Error::KeyNotInRegion {
+        key,
+        region_id: region.id,
+        start_key: region.start_key.clone(),
+        end_key: region.end_key.clone(),
+    }
+}
+
 pub fn check_key_in_region(key: &[u8], region: &metapb::Region) -> Result<()> {
-    if atoll_keys::in_range(key, &region.start_key, &region.end_key) {
+    if key >= region.start_key.as_slice() && is_before_end(key, &region.end_key) {
         Ok(())
     } else {
-        Err(Error::KeyNotInRegion {
-            key: key.to_vec(),
-            region_id: region.id,
-            start_key: region.start_key.clone(),
-            end_key: region.end_key.clone(),
-        })
+        Err(key_not_in_region(key.to_vec(), region))
     }
 }
 
@@ -155,5 +175,27 @@ mod tests {
         assert_eq!(cs.learners, vec![3]);
         let k = atoll_keys::append_ts(atoll_keys::data_key(b"abc"), 9);
         assert_eq!(user_key_of(&k).unwrap(), b"abc");
+    }
+
+    #[test]
+    fn the_region_end_bound() {
+        assert_eq!(region_end(b""), None);
+        assert_eq!(region_end(b"m"), Some(&b"m"[..]));
+        assert!(
+            is_before_end(b"\xff\xff\xff", b""),
+            "an empty end is +infinity"
+        );
+        assert!(is_before_end(b"a", b"b"));
+        assert!(!is_before_end(b"b", b"b"), "the end is exclusive");
+        let r = region(1, 1);
+        assert!(
+            end_within_region(b"d", &r),
+            "a range may end at the region's end"
+        );
+        assert!(!end_within_region(b"e", &r));
+        let unbounded = metapb::Region::default();
+        assert!(end_within_region(b"\xff", &unbounded));
+        assert!(check_key_in_region(b"\xff", &unbounded).is_ok());
+        assert!(check_key_in_region(b"a", &r).is_err(), "below the start");
     }
 }

@@ -7,7 +7,7 @@ use atoll_pd_client::PdClient;
 use atoll_proto::kvrpcpb::*;
 use atoll_proto::raft_cmdpb::{self, CmdType, RaftCmdRequest, RaftRequestHeader};
 use atoll_proto::{errorpb, metapb};
-use atoll_raftstore::{RaftRouter, RegionSnapshot};
+use atoll_raftstore::{RaftRouter, RegionId, RegionSnapshot};
 use atoll_txn::{ConcurrencyManager, Latches, Modify};
 use parking_lot::Mutex;
 use std::collections::HashMap;
@@ -239,10 +239,10 @@ impl<E: KvEngine> Storage<E> {
 
     pub(crate) fn check_store(&self, ctx: &Context) -> Result<(), Fail> {
         if let Some(p) = &ctx.peer {
-            if p.store_id != 0 && p.store_id != self.router.store_id() {
+            if p.store_id != 0 && p.store_id != self.router.store_id().get() {
                 return Err(Fail::region(atoll_raftstore::Error::StoreNotMatch {
                     request_store_id: p.store_id,
-                    actual_store_id: self.router.store_id(),
+                    actual_store_id: self.router.store_id().get(),
                 }));
             }
         }
@@ -293,9 +293,12 @@ impl<E: KvEngine> Storage<E> {
                 return Err(abort("unsafe_local_read is disabled on this store"));
             }
             // Deliberately unsafe (test-only): whatever this peer has applied, leader or not.
-            let region = self.router.region(ctx.region_id).ok_or(Fail::region(
-                atoll_raftstore::Error::RegionNotFound(ctx.region_id),
-            ))?;
+            let region = self
+                .router
+                .region(RegionId(ctx.region_id))
+                .ok_or(Fail::region(atoll_raftstore::Error::RegionNotFound(
+                    ctx.region_id,
+                )))?;
             return Ok(RegionSnapshot {
                 snap: self.router.engine().snapshot(),
                 region: Arc::new(region),
@@ -316,7 +319,7 @@ impl<E: KvEngine> Storage<E> {
         self.check_store(ctx)?;
         Ok(self
             .router
-            .local_leader_snapshot(ctx.region_id, ctx.region_epoch.as_ref())?)
+            .local_leader_snapshot(RegionId(ctx.region_id), ctx.region_epoch.as_ref())?)
     }
 
     /// A leader snapshot that is as fresh as a linearizable read: served under the leader

@@ -4,6 +4,7 @@
 use crate::storage::*;
 use atoll_engine::KvEngine;
 use atoll_proto::kvrpcpb::*;
+use atoll_raftstore::RegionId;
 use atoll_txn::{MvccReader, MvccTxn, TxnCommitRecord};
 use std::collections::HashMap;
 use tonic::Status;
@@ -320,7 +321,11 @@ impl<E: KvEngine> Storage<E> {
         keys.dedup();
         match self
             .router
-            .split_async(ctx.region_id, ctx.region_epoch.unwrap_or_default(), keys)
+            .split_async(
+                RegionId(ctx.region_id),
+                ctx.region_epoch.unwrap_or_default(),
+                keys,
+            )
             .await
         {
             Ok(w) => {

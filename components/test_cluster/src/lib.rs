@@ -29,7 +29,7 @@ use atoll_proto::raft_cmdpb::{
 };
 use atoll_raftstore::msg::CasualMessage;
 use atoll_raftstore::snap::SnapManager;
-use atoll_raftstore::{Config, Error, RaftRouter, RaftStore, StoreDeps};
+use atoll_raftstore::{Config, Error, RaftRouter, RaftStore, RegionId, StoreDeps, StoreId};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -140,7 +140,7 @@ impl Cluster {
                 .expect("tempdir");
             let engine =
                 RocksEngine::open(dir.path().join("db"), &self.rocks).expect("open engine");
-            atoll_raftstore::store::write_store_ident(
+            atoll_raftstore::bootstrap::write_store_ident(
                 &engine,
                 &atoll_proto::raft_serverpb::StoreIdent {
                     cluster_id: 1,
@@ -178,8 +178,11 @@ impl Cluster {
                 .collect(),
         };
         for p in &region.peers {
-            atoll_raftstore::store::prepare_bootstrap_region(&self.engines[&p.store_id], &region)
-                .expect("bootstrap region");
+            atoll_raftstore::bootstrap::prepare_bootstrap_region(
+                &self.engines[&p.store_id],
+                &region,
+            )
+            .expect("bootstrap region");
         }
         let first = metapb::Store {
             id: self.store_ids[0],
@@ -202,7 +205,7 @@ impl Cluster {
         };
         let snap_mgr = SnapManager::new(self.dirs[&id].path().join("snap")).expect("snap dir");
         let deps = StoreDeps {
-            store_id: id,
+            store_id: StoreId(id),
             cfg: self.cfg.clone(),
             engine,
             trans: Arc::new(SimTransport::new(self.net.clone())),
@@ -272,7 +275,7 @@ impl Cluster {
     pub fn region_by_id(&self, region_id: u64) -> Option<metapb::Region> {
         let mut best: Option<metapb::Region> = None;
         for n in self.nodes.values() {
-            if let Some(r) = n.router.region(region_id) {
+            if let Some(r) = n.router.region(RegionId(region_id)) {
                 let newer = best.as_ref().is_none_or(|b| {
                     let (be, re) = (
                         b.region_epoch.unwrap_or_default(),
@@ -292,7 +295,7 @@ impl Cluster {
     pub fn leader_store(&self, region_id: u64) -> Option<u64> {
         self.nodes
             .iter()
-            .filter(|(_, n)| n.router.is_leader(region_id))
+            .filter(|(_, n)| n.router.is_leader(RegionId(region_id)))
             .map(|(id, _)| *id)
             .next()
     }
@@ -633,7 +636,11 @@ impl Cluster {
                 let r = self.runtime.block_on(async {
                     tokio::time::timeout(
                         Duration::from_secs(10),
-                        router.split_async(region.id, region.region_epoch.unwrap_or_default(), ks),
+                        router.split_async(
+                            RegionId(region.id),
+                            region.region_epoch.unwrap_or_default(),
+                            ks,
+                        ),
                     )
                     .await
                 });
@@ -664,7 +671,7 @@ impl Cluster {
             .expect("leader");
         assert!(self
             .router(leader)
-            .send_casual(region_id, CasualMessage::CompactLog { index }));
+            .send_casual(RegionId(region_id), CasualMessage::CompactLog { index }));
     }
 
     /// Counts regions whose peers all exist and that have a leader.

@@ -5,7 +5,7 @@
 use atoll_engine::KvEngine;
 use atoll_proto::raft_serverpb::{RaftMessage, SnapshotMeta};
 use atoll_raftstore::snap::SnapKey;
-use atoll_raftstore::{RaftRouter, Transport};
+use atoll_raftstore::{PeerId, RaftRouter, RegionId, StoreId, Transport};
 use parking_lot::{Mutex, RwLock};
 use protobuf::Message as _;
 use raft::eraftpb::MessageType;
@@ -252,7 +252,7 @@ impl<E: KvEngine> SimNetwork<E> {
                     ..Default::default()
                 };
                 if self.verdict(&probe) == Verdict::Pass {
-                    r.on_store_heard(*from);
+                    r.on_store_heard(StoreId(*from));
                 }
             }
         }
@@ -262,14 +262,14 @@ impl<E: KvEngine> SimNetwork<E> {
         match self.router(to_store(&m)) {
             Some(r) => {
                 self.delivered.fetch_add(1, Ordering::Relaxed);
-                r.on_store_heard(from_store(&m));
+                r.on_store_heard(StoreId(from_store(&m)));
                 r.send_raft_message(m);
             }
             None => {
                 self.dropped.fetch_add(1, Ordering::Relaxed);
                 // The sender's transport would notice the dead connection.
                 if let Some(s) = self.router(from_store(&m)) {
-                    s.report_unreachable(to_store(&m));
+                    s.report_unreachable(StoreId(to_store(&m)));
                 }
             }
         }
@@ -324,7 +324,7 @@ impl<E: KvEngine> SimNetwork<E> {
                 true
             })();
             if let Some(f) = from {
-                f.report_snapshot_status(region_id, to_peer, ok);
+                f.report_snapshot_status(RegionId(region_id), PeerId(to_peer), ok);
             }
         });
     }

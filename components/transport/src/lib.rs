@@ -26,6 +26,7 @@ pub use server::RaftService;
 
 use atoll_proto::raft_serverpb::RaftMessage;
 use atoll_raftstore::snap::SnapManager;
+use atoll_raftstore::{PeerId, RegionId, StoreId};
 
 pub const FP_SEND_DROP: &str = "transport::send_drop";
 pub const FP_RECV_DROP: &str = "transport::recv_drop";
@@ -46,19 +47,20 @@ pub trait RaftSink: Send + Sync + 'static {
 
 impl<E: atoll_engine::KvEngine> RaftSink for atoll_raftstore::RaftRouter<E> {
     fn store_id(&self) -> u64 {
-        atoll_raftstore::RaftRouter::store_id(self)
+        atoll_raftstore::RaftRouter::store_id(self).get()
     }
     fn send_raft_message(&self, msg: RaftMessage) {
         atoll_raftstore::RaftRouter::send_raft_message(self, msg)
     }
     fn on_store_heard(&self, store_id: u64) {
-        atoll_raftstore::RaftRouter::on_store_heard(self, store_id)
+        atoll_raftstore::RaftRouter::on_store_heard(self, StoreId(store_id))
     }
     fn report_unreachable(&self, store_id: u64) {
-        atoll_raftstore::RaftRouter::report_unreachable(self, store_id)
+        atoll_raftstore::RaftRouter::report_unreachable(self, StoreId(store_id))
     }
     fn report_snapshot_status(&self, region_id: u64, to_peer_id: u64, ok: bool) {
-        atoll_raftstore::RaftRouter::report_snapshot_status(self, region_id, to_peer_id, ok)
+        let (region, to) = (RegionId(region_id), PeerId(to_peer_id));
+        atoll_raftstore::RaftRouter::report_snapshot_status(self, region, to, ok)
     }
     fn snap_mgr(&self) -> &SnapManager {
         atoll_raftstore::RaftRouter::snap_mgr(self)

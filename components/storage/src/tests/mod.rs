@@ -109,8 +109,8 @@ impl Cluster {
                 cluster_id: 1,
                 store_id: *id,
             };
-            atoll_raftstore::store::write_store_ident(e, &ident).expect("ident");
-            atoll_raftstore::store::prepare_bootstrap_region(e, &region).expect("bootstrap");
+            atoll_raftstore::bootstrap::write_store_ident(e, &ident).expect("ident");
+            atoll_raftstore::bootstrap::prepare_bootstrap_region(e, &region).expect("bootstrap");
             let store = metapb::Store {
                 id: *id,
                 address: format!("store{id}"),
@@ -129,7 +129,7 @@ impl Cluster {
         for (id, engine) in ids.into_iter().zip(engines) {
             let dir = tempfile::tempdir().expect("tempdir");
             let store = RaftStore::start(StoreDeps {
-                store_id: id,
+                store_id: id.into(),
                 cfg: test_config(),
                 engine: engine.clone(),
                 trans: Arc::new(SimTransport::new(net.clone())),
@@ -167,8 +167,8 @@ impl Cluster {
         let ok = wait_until(Duration::from_secs(20), || {
             found = self.nodes.iter().find_map(|(id, n)| {
                 let r = n.storage.router();
-                let epoch = r.region(region_id)?.region_epoch;
-                r.local_leader_snapshot(region_id, epoch.as_ref())
+                let epoch = r.region(region_id.into())?.region_epoch;
+                r.local_leader_snapshot(region_id.into(), epoch.as_ref())
                     .is_ok()
                     .then_some(*id)
             });
@@ -181,8 +181,8 @@ impl Cluster {
     /// Whether the peer of `region_id` on `store_id` leads it and is ready to serve.
     fn leads(&self, store_id: u64, region_id: u64) -> bool {
         let r = self.storage(store_id).router();
-        r.region(region_id).is_some_and(|x| {
-            r.local_leader_snapshot(region_id, x.region_epoch.as_ref())
+        r.region(region_id.into()).is_some_and(|x| {
+            r.local_leader_snapshot(region_id.into(), x.region_epoch.as_ref())
                 .is_ok()
         })
     }
@@ -194,7 +194,7 @@ impl Cluster {
                 return true;
             }
             let from = self.leader_of(region_id);
-            let region = self.storage(from).router().region(region_id).unwrap();
+            let region = self.storage(from).router().region(region_id.into()).unwrap();
             let target = region.peers.iter().find(|p| p.store_id == to).copied();
             let admin = AdminRequest {
                 cmd_type: AdminCmdType::TransferLeader as i32,

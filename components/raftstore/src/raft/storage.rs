@@ -52,27 +52,71 @@ pub fn write_initial_states(
     wb: &mut impl WriteBatch,
     region: &metapb::Region,
 ) -> atoll_engine::Result<()> {
-    let id = region.id;
-    wb.put_cf(
-        CF_RAFT,
-        &atoll_keys::raft_state_key(id),
-        &encode_msg(&initial_raft_state()),
-    )?;
-    wb.put_cf(
-        CF_RAFT,
-        &atoll_keys::apply_state_key(id),
-        &encode_msg(&initial_apply_state()),
-    )?;
+    write_raft_state(wb, region.id, &initial_raft_state())?;
+    write_apply_state(wb, region.id, &initial_apply_state())?;
     write_region_state(wb, region, PeerState::Normal)
 }
 
+type EngineResult<T> = atoll_engine::Result<T>;
+
+fn put_state(
+    wb: &mut impl WriteBatch,
+    key: &[u8],
+    state: &impl prost::Message,
+) -> EngineResult<()> {
+    wb.put_cf(CF_RAFT, key, &encode_msg(state))
+}
+
+pub fn write_raft_state(wb: &mut impl WriteBatch, id: u64, s: &RaftLocalState) -> EngineResult<()> {
+    put_state(wb, &atoll_keys::raft_state_key(id), s)
+}
+
+pub fn write_apply_state(
+    wb: &mut impl WriteBatch,
+    id: u64,
+    s: &RaftApplyState,
+) -> EngineResult<()> {
+    put_state(wb, &atoll_keys::apply_state_key(id), s)
+}
+
+/// Stages the deletion of log entries `[from, to)` of a region.
+pub fn delete_log(
+    wb: &mut impl WriteBatch,
+    region_id: u64,
+    from: u64,
+    to: u64,
+) -> atoll_engine::Result<()> {
+    wb.delete_range_cf(
+        CF_RAFT,
+        &atoll_keys::raft_log_key(region_id, from),
+        &atoll_keys::raft_log_key(region_id, to),
+    )
+}
+
 /// Stages the deletion of a region's raft state, apply state and whole raft log (a peer that
-/// is gone: destroyed, or left half-destroyed by a crash).
+/// is gone: destroyed, or left half-destroyed by a crash). The one place that knows what a
+/// peer's raft state consists of.
 pub fn delete_raft_state(wb: &mut impl WriteBatch, region_id: u64) -> atoll_engine::Result<()> {
     wb.delete_cf(CF_RAFT, &atoll_keys::raft_state_key(region_id))?;
     wb.delete_cf(CF_RAFT, &atoll_keys::apply_state_key(region_id))?;
     let (s, e) = atoll_keys::raft_log_range(region_id);
     wb.delete_range_cf(CF_RAFT, &s, &e)
+}
+
+/// Deletes a region's raft state now, in a synced write of its own ([`delete_raft_state`]);
+/// with `and_region_state` its region state too (nothing of the region is left).
+pub fn clear_raft_state(
+    engine: &impl KvEngine,
+    region_id: u64,
+    and_region_state: bool,
+) -> crate::Result<()> {
+    let mut wb = engine.write_batch();
+    delete_raft_state(&mut wb, region_id)?;
+    if and_region_state {
+        wb.delete_cf(CF_RAFT, &atoll_keys::region_state_key(region_id))?;
+    }
+    engine.write(wb, true)?;
+    Ok(())
 }
 
 pub fn write_region_state(
@@ -84,41 +128,29 @@ pub fn write_region_state(
         state: state as i32,
         region: Some(region.clone()),
     };
-    wb.put_cf(
-        CF_RAFT,
-        &atoll_keys::region_state_key(region.id),
-        &encode_msg(&s),
-    )
+    put_state(wb, &atoll_keys::region_state_key(region.id), &s)
 }
 
-pub fn load_raft_state(
+fn load_state<M: prost::Message + Default>(
     engine: &impl Peekable,
-    region_id: u64,
-) -> crate::Result<Option<RaftLocalState>> {
-    match engine.get_value_cf(CF_RAFT, &atoll_keys::raft_state_key(region_id))? {
+    key: &[u8],
+) -> crate::Result<Option<M>> {
+    match engine.get_value_cf(CF_RAFT, key)? {
         Some(v) => Ok(Some(decode_msg(&v)?)),
         None => Ok(None),
     }
 }
 
-pub fn load_apply_state(
-    engine: &impl Peekable,
-    region_id: u64,
-) -> crate::Result<Option<RaftApplyState>> {
-    match engine.get_value_cf(CF_RAFT, &atoll_keys::apply_state_key(region_id))? {
-        Some(v) => Ok(Some(decode_msg(&v)?)),
-        None => Ok(None),
-    }
+pub fn load_raft_state(e: &impl Peekable, id: u64) -> crate::Result<Option<RaftLocalState>> {
+    load_state(e, &atoll_keys::raft_state_key(id))
 }
 
-pub fn load_region_state(
-    engine: &impl Peekable,
-    region_id: u64,
-) -> crate::Result<Option<RegionLocalState>> {
-    match engine.get_value_cf(CF_RAFT, &atoll_keys::region_state_key(region_id))? {
-        Some(v) => Ok(Some(decode_msg(&v)?)),
-        None => Ok(None),
-    }
+pub fn load_apply_state(e: &impl Peekable, id: u64) -> crate::Result<Option<RaftApplyState>> {
+    load_state(e, &atoll_keys::apply_state_key(id))
+}
+
+pub fn load_region_state(e: &impl Peekable, id: u64) -> crate::Result<Option<RegionLocalState>> {
+    load_state(e, &atoll_keys::region_state_key(id))
 }
 
 #[derive(Default)]
@@ -326,11 +358,7 @@ impl<E: KvEngine> PeerStorage<E> {
         }
         let prev_last = self.raft_state.last_index;
         if last.index < prev_last {
-            wb.delete_range_cf(
-                CF_RAFT,
-                &atoll_keys::raft_log_key(region_id, last.index + 1),
-                &atoll_keys::raft_log_key(region_id, prev_last + 1),
-            )?;
+            delete_log(wb, region_id, last.index + 1, prev_last + 1)?;
         }
         debug_assert!(
             first.index <= prev_last + 1,
@@ -364,11 +392,7 @@ impl<E: KvEngine> PeerStorage<E> {
     }
 
     pub fn save_raft_state(&self, wb: &mut E::WriteBatch) -> crate::Result<()> {
-        wb.put_cf(
-            CF_RAFT,
-            &atoll_keys::raft_state_key(self.region.id),
-            &encode_msg(&self.raft_state),
-        )?;
+        write_raft_state(wb, self.region.id, &self.raft_state)?;
         Ok(())
     }
 
@@ -388,17 +412,9 @@ impl<E: KvEngine> PeerStorage<E> {
         let term = snap.get_metadata().term;
         let region_id = self.region.id;
         // Every old log entry is superseded.
-        wb.delete_range_cf(
-            CF_RAFT,
-            &atoll_keys::raft_log_key(region_id, 0),
-            &atoll_keys::raft_log_key(region_id, idx + 1),
-        )?;
+        delete_log(wb, region_id, 0, idx + 1)?;
         if self.raft_state.last_index > idx {
-            wb.delete_range_cf(
-                CF_RAFT,
-                &atoll_keys::raft_log_key(region_id, idx + 1),
-                &atoll_keys::raft_log_key(region_id, self.raft_state.last_index + 1),
-            )?;
+            delete_log(wb, region_id, idx + 1, self.raft_state.last_index + 1)?;
         }
         self.raft_state.last_index = idx;
         self.raft_state.last_term = term;
@@ -408,11 +424,7 @@ impl<E: KvEngine> PeerStorage<E> {
             applied_term: term,
             truncated_state: Some(RaftTruncatedState { index: idx, term }),
         };
-        wb.put_cf(
-            CF_RAFT,
-            &atoll_keys::apply_state_key(region_id),
-            &encode_msg(&self.apply_state),
-        )?;
+        write_apply_state(wb, region_id, &self.apply_state)?;
         write_region_state(wb, &region, PeerState::Applying)?;
         self.region = region;
         self.cache.clear();
@@ -438,6 +450,11 @@ impl<E: KvEngine> PeerStorage<E> {
 
     pub fn clear_cache(&mut self) {
         self.cache.clear();
+    }
+
+    /// Bytes of entries in the cache.
+    pub fn cached_bytes(&self) -> usize {
+        self.cache.bytes
     }
 }
 
@@ -589,102 +606,5 @@ impl<E: KvEngine> raft::Storage for PeerStorage<E> {
         Err(raft::Error::Store(
             StorageError::SnapshotTemporarilyUnavailable,
         ))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use atoll_engine::memory::MemoryEngine;
-    use raft::Storage as _;
-
-    fn entry(index: u64, bytes: usize) -> Entry {
-        Entry {
-            index,
-            term: RAFT_INIT_LOG_TERM,
-            data: vec![7u8; bytes].into(),
-            ..Default::default()
-        }
-    }
-
-    fn storage(engine: &MemoryEngine, cache_limit: usize) -> PeerStorage<MemoryEngine> {
-        let region = metapb::Region {
-            id: 1,
-            peers: vec![metapb::Peer {
-                id: 2,
-                store_id: 1,
-                role: 0,
-            }],
-            ..Default::default()
-        };
-        let mut wb = engine.write_batch();
-        write_initial_states(&mut wb, &region).unwrap();
-        engine.write(wb, true).unwrap();
-        PeerStorage::new(engine.clone(), region, "[test]".into(), cache_limit).unwrap()
-    }
-
-    /// A follower whose apply stalls keeps appending: the entry cache stays near its limit
-    /// (what is on disk is evicted, applied or not) and every entry is still readable.
-    #[test]
-    fn entry_cache_stays_bounded_when_apply_stalls() {
-        let engine = MemoryEngine::new();
-        let mut s = storage(&engine, 64 << 10);
-        let mut next = RAFT_INIT_LOG_INDEX + 1;
-        for _round in 0..100 {
-            let batch: Vec<Entry> = (0..4).map(|i| entry(next + i, 4 << 10)).collect();
-            next += 4;
-            let mut wb = engine.write_batch();
-            s.append(&batch, &mut wb).unwrap();
-            engine.write(wb, true).unwrap();
-            assert!(
-                s.cache.bytes <= (64 << 10) + 4 * (5 << 10),
-                "cache holds {} bytes with nothing applied",
-                s.cache.bytes
-            );
-        }
-        assert_eq!(s.apply_state.applied_index, RAFT_INIT_LOG_INDEX);
-        let all = s
-            .entries(
-                RAFT_INIT_LOG_INDEX + 1,
-                next,
-                None,
-                GetEntriesContext::empty(false),
-            )
-            .unwrap();
-        assert_eq!(all.len() as u64, next - RAFT_INIT_LOG_INDEX - 1);
-        assert!(all.windows(2).all(|w| w[1].index == w[0].index + 1));
-    }
-
-    /// While the peer holds committed entries back (apply is behind), fetches for the apply
-    /// side get nothing; fetches that may be asynchronous (appends to followers) still work.
-    #[test]
-    fn held_fetches_return_nothing_but_appends_still_read() {
-        let engine = MemoryEngine::new();
-        let mut s = storage(&engine, 1 << 20);
-        let batch: Vec<Entry> = (1..=3)
-            .map(|i| entry(RAFT_INIT_LOG_INDEX + i, 10))
-            .collect();
-        let mut wb = engine.write_batch();
-        s.append(&batch, &mut wb).unwrap();
-        engine.write(wb, true).unwrap();
-        let (lo, hi) = (RAFT_INIT_LOG_INDEX + 1, RAFT_INIT_LOG_INDEX + 4);
-        s.hold_committed = true;
-        assert!(s
-            .entries(lo, hi, None, GetEntriesContext::empty(false))
-            .unwrap()
-            .is_empty());
-        assert_eq!(
-            s.entries(lo, hi, None, GetEntriesContext::empty(true))
-                .unwrap()
-                .len(),
-            3
-        );
-        s.hold_committed = false;
-        assert_eq!(
-            s.entries(lo, hi, None, GetEntriesContext::empty(false))
-                .unwrap()
-                .len(),
-            3
-        );
     }
 }

@@ -3,32 +3,17 @@
 //! store's async runtime, off the pollers. Operator steps PD sends back are routed to the
 //! regions' peers.
 
-use crate::msg::{CasualMessage, PeerMsg, StoreMsg, WriteCallback};
-use crate::store::StoreContext;
+use crate::fsm::context::StoreContext;
+use crate::msg::{CasualMessage, PeerMsg, StoreMsg};
+use crate::task::PdTask;
 use crate::util;
 use crate::Error;
 use atoll_engine::KvEngine;
 use atoll_pd_client::PdClient;
-use atoll_proto::{metapb, pdpb};
+use atoll_proto::pdpb;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
-
-pub enum PdTask {
-    Heartbeat(Box<pdpb::RegionHeartbeatRequest>),
-    AskSplit {
-        region: metapb::Region,
-        split_keys: Vec<Vec<u8>>,
-        cb: Option<WriteCallback>,
-    },
-    ReportSplit {
-        regions: Vec<metapb::Region>,
-    },
-    ValidatePeer {
-        region: metapb::Region,
-        peer: metapb::Peer,
-    },
-}
 
 /// Runs until `rx` closes. `stats` builds the store heartbeat's statistics.
 pub async fn run<E: KvEngine>(
@@ -116,13 +101,7 @@ fn handle<E: KvEngine>(ctx: &Arc<StoreContext<E>>, pd: &Arc<dyn PdClient>, task:
                             cb,
                         };
                         if let Err(e) = ctx.router.force_send(region_id, PeerMsg::Casual(msg)) {
-                            if let PeerMsg::Casual(CasualMessage::ProposeSplit {
-                                cb: Some(cb),
-                                ..
-                            }) = e.into_inner()
-                            {
-                                cb(Err(Error::RegionNotFound(region_id)));
-                            }
+                            e.into_inner().refuse(Error::RegionNotFound(region_id));
                         }
                     }
                     Err(e) => {
