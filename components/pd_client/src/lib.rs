@@ -130,6 +130,12 @@ pub trait PdClient: Send + Sync + 'static {
     /// `count` consecutive fresh timestamps; returns the first.
     async fn get_tso_block(&self, count: u32) -> Result<u64>;
 
+    /// The largest timestamp this client has received from PD (0 if it does not keep
+    /// track): PD hands out only larger ones from now on.
+    fn tso_high_water(&self) -> u64 {
+        0
+    }
+
     async fn get_gc_safe_point(&self) -> Result<u64>;
     async fn update_gc_safe_point(&self, safe_point: u64) -> Result<u64>;
 

@@ -673,6 +673,10 @@ impl PdClient for RpcPdClient {
             .await
     }
 
+    fn tso_high_water(&self) -> u64 {
+        self.inner.tso.high_water()
+    }
+
     async fn get_gc_safe_point(&self) -> Result<u64> {
         let h = self.header();
         let r = self

@@ -6,6 +6,7 @@ use crate::rpc::{check_header, RpcPdClient};
 use crate::{compose_ts, Error, Result};
 use atoll_proto::pdpb;
 use parking_lot::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 
@@ -17,6 +18,8 @@ type Waiter = (u32, oneshot::Sender<Result<u64>>);
 pub struct TsoBatcher {
     tx: mpsc::Sender<Waiter>,
     rx: Mutex<Option<mpsc::Receiver<Waiter>>>,
+    /// The largest timestamp received so far.
+    high: AtomicU64,
 }
 
 impl TsoBatcher {
@@ -25,6 +28,7 @@ impl TsoBatcher {
         TsoBatcher {
             tx,
             rx: Mutex::new(Some(rx)),
+            high: AtomicU64::new(0),
         }
     }
 
@@ -43,10 +47,24 @@ impl TsoBatcher {
             .await
             .map_err(|_| Error::Other("TSO dispatcher stopped".into()))?;
         match tokio::time::timeout(deadline, rx).await {
-            Ok(Ok(r)) => r,
+            Ok(Ok(r)) => {
+                if let Ok(first) = r {
+                    self.high
+                        .fetch_max(first + u64::from(count) - 1, Ordering::AcqRel);
+                }
+                r
+            }
             Ok(Err(_)) => Err(Error::Other("TSO dispatcher dropped the request".into())),
             Err(_) => Err(Error::Timeout(deadline)),
         }
+    }
+}
+
+impl TsoBatcher {
+    /// The largest timestamp this process has received from PD: every timestamp PD hands
+    /// out from now on is above it.
+    pub fn high_water(&self) -> u64 {
+        self.high.load(Ordering::Acquire)
     }
 }
 

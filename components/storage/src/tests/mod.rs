@@ -194,7 +194,11 @@ impl Cluster {
                 return true;
             }
             let from = self.leader_of(region_id);
-            let region = self.storage(from).router().region(region_id.into()).unwrap();
+            let region = self
+                .storage(from)
+                .router()
+                .region(region_id.into())
+                .unwrap();
             let target = region.peers.iter().find(|p| p.store_id == to).copied();
             let admin = AdminRequest {
                 cmd_type: AdminCmdType::TransferLeader as i32,
