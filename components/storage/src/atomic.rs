@@ -102,9 +102,8 @@ impl<E: KvEngine> Storage<E> {
         loop {
             let latch = self.latches.acquire(&keys).await;
             let mem = self.cm.lock_keys(&keys);
-            let ts = self.cm.max_ts().max(floor) + 1;
+            let ts = self.cm.next_commit_ts(floor);
             mem.set_commit_ts(ts);
-            self.cm.update_max_ts(ts);
             let point_ranges = keys.iter().map(|k| {
                 let mut end = k.clone();
                 end.push(0);

@@ -438,13 +438,17 @@ impl<E: KvEngine> Storage<E> {
         Ok(ts)
     }
 
-    /// A commit timestamp above max_ts, start_ts and `newest` (the keys' newest versions).
+    /// A commit timestamp above max_ts, start_ts and `newest` (the keys' newest versions), no
+    /// other command's on this store.
     /// It may be above what PD has handed out so far: answer only after
     /// [`Storage::commit_wait`].
     pub(crate) async fn one_pc_commit_ts(&self, start_ts: u64, newest: u64) -> Result<u64, Fail> {
-        let mut ts = self.cm.max_ts().max(start_ts) + 1;
+        let mut ts = self.cm.next_commit_ts(start_ts);
         while ts <= newest {
-            ts = ts.max(self.fresh_ts().await?);
+            // Above the keys' newest version: a fresh timestamp, then the next one above it
+            // and everything already taken.
+            let fresh = self.fresh_ts().await?;
+            ts = self.cm.next_commit_ts(fresh);
         }
         Ok(ts)
     }

@@ -85,6 +85,20 @@ impl ConcurrencyManager {
         }
     }
 
+    /// A one-phase commit timestamp: `max(max_ts, floor) + 1`, recorded as the new `max_ts`
+    /// in the same atomic step, so no two commands of this store get the same one (etcd gives
+    /// every txn its own revision, and its lock recipe orders waiters by them).
+    pub fn next_commit_ts(&self, floor: u64) -> u64 {
+        let prev = self
+            .inner
+            .max_ts
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |m| {
+                Some(m.max(floor).saturating_add(1))
+            })
+            .unwrap_or_else(|m| m);
+        prev.max(floor).saturating_add(1)
+    }
+
     /// Locks `keys` (user keys) in memory until the guard is dropped. Several guards may hold
     /// the same key (writers are serialized by latches anyway); a reader is blocked if any of
     /// them blocks it.
@@ -279,6 +293,35 @@ mod tests {
 
     fn keys(v: &[&[u8]]) -> Vec<Vec<u8>> {
         v.iter().map(|k| k.to_vec()).collect()
+    }
+
+    #[test]
+    fn concurrent_commit_timestamps_are_distinct_and_above_max_ts() {
+        let cm = ConcurrencyManager::new(1000);
+        assert_eq!(cm.next_commit_ts(5), 1001);
+        assert_eq!(cm.next_commit_ts(2000), 2001);
+        assert_eq!(cm.max_ts(), 2001);
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let cm = cm.clone();
+                std::thread::spawn(move || {
+                    (0..2000).map(|_| cm.next_commit_ts(0)).collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        let mut all: Vec<u64> = threads
+            .into_iter()
+            .flat_map(|t| t.join().unwrap())
+            .collect();
+        all.sort_unstable();
+        all.dedup();
+        assert_eq!(
+            all.len(),
+            8000,
+            "two commands got the same commit timestamp"
+        );
+        assert_eq!(all[0], 2002);
+        assert_eq!(cm.max_ts(), 2001 + 8000);
     }
 
     #[test]
