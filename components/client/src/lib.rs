@@ -701,19 +701,17 @@ impl Client {
                 })
                 .await?;
             if let Some(e) = resp.error {
-                {
-                    lock_resolver::resolve_key_error(
-                        self,
-                        e,
-                        version,
-                        deadline,
-                        &mut bypass,
-                        &mut backoff,
-                        "range stayed locked",
-                    )
-                    .await?;
-                    continue;
-                }
+                lock_resolver::resolve_key_error(
+                    self,
+                    e,
+                    version,
+                    deadline,
+                    &mut bypass,
+                    &mut backoff,
+                    "range stayed locked",
+                )
+                .await?;
+                continue;
             }
             let n = resp.pairs.len();
             for p in resp.pairs {
@@ -801,16 +799,7 @@ impl Client {
             match err {
                 None => return Ok(commit),
                 Some(e) => {
-                    lock_resolver::resolve_key_error(
-                        self,
-                        e,
-                        0,
-                        deadline,
-                        &mut vec![],
-                        &mut backoff,
-                        "key stayed locked",
-                    )
-                    .await?;
+                    lock_resolver::resolve_write_key_error(self, e, deadline, &mut backoff).await?;
                 }
             }
         }
@@ -981,16 +970,7 @@ impl Client {
                     return Ok((resp.succeeded, prev));
                 }
                 Some(e) => {
-                    lock_resolver::resolve_key_error(
-                        self,
-                        e,
-                        0,
-                        deadline,
-                        &mut vec![],
-                        &mut backoff,
-                        "key stayed locked",
-                    )
-                    .await?;
+                    lock_resolver::resolve_write_key_error(self, e, deadline, &mut backoff).await?;
                 }
             }
         }

@@ -175,6 +175,26 @@ pub async fn resolve_and_wait(
     Ok(())
 }
 
+/// [`resolve_key_error`] for a plain write: it reads nothing, so it has no timestamp and no
+/// locks to read past.
+pub async fn resolve_write_key_error(
+    client: &Client,
+    e: kvrpcpb::KeyError,
+    deadline: Instant,
+    backoff: &mut Backoff,
+) -> Result<()> {
+    resolve_key_error(
+        client,
+        e,
+        0,
+        deadline,
+        &mut vec![],
+        backoff,
+        "key stayed locked",
+    )
+    .await
+}
+
 /// A key error a request got back: a lock is resolved and waited for ([`resolve_and_wait`];
 /// the request then retries), anything else is the request's error.
 pub async fn resolve_key_error(
