@@ -1,13 +1,17 @@
 //! Shared helpers for the integration tests: running the real binaries on free local ports,
-//! waiting on conditions, and the linearizability checker of the chaos suite.
+//! waiting on conditions, and the checkers of the chaos suite (linearizability, watches).
 //!
 //! | module | owns |
 //! | --- | --- |
 //! | [`procs`] | multi-process clusters of `pd-server` and `storage-node`, and `kvctl` runs |
 //! | [`linearizability`] | the per-key register checker (Wing & Gong with memoisation) |
+//! | [`etcd_watch`] | etcd writes and watch streams over gRPC, recorded for [`watch_check`] |
+//! | [`watch_check`] | the etcd watch checker: recorded watch streams against the writes made |
 
+pub mod etcd_watch;
 pub mod linearizability;
 pub mod procs;
+pub mod watch_check;
 
 use std::time::{Duration, Instant};
 

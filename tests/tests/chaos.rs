@@ -14,12 +14,27 @@
 //! - `chaos_checker_catches_stale_follower_reads`: the same harness against a deliberately
 //!   broken read path (reads served by any peer without ReadIndex, `--allow-unsafe-local-read`
 //!   plus the client's `unsafe_follower_read`): the checker must report violations.
+//!
+//! The first two also run etcd's API under the same faults: etcd writers put, delete and write
+//! multi-key txns under three prefixes (`watch/a/`, `watch/b/`, `watch/c/`, split into regions
+//! before the run and split further during it), recording each write's revision (or its
+//! unknown outcome), while six etcd watchers watch those prefixes, a range across two of them
+//! and a from-key range, through any store: on an error, a cancel or a store that stops
+//! answering progress requests they resume on another store at "last revision seen + 1". Some
+//! ask for `prev_kv`, some for progress notifications (`progress_notify`, `progress_request`);
+//! one starts "now". Once the faults heal and the writers stop, every watcher asks for progress
+//! until a progress notification reaches the largest acknowledged revision, and the watch
+//! checker (`atoll_tests::watch_check`) checks every recorded stream: every acknowledged write
+//! in a watcher's range delivered exactly once, in order, one revision per response, no event
+//! that no write made, progress notifications, `prev_kv`, `create_revision` and `version`.
 
 use atoll_client::{Client, ClientConfig, Error};
+use atoll_tests::etcd_watch::{self, WatchCtl, WatchSpec};
 use atoll_tests::linearizability::{
     check_with_final_values, CheckOptions, OpKind, Operation, Outcome,
 };
 use atoll_tests::procs::{http, ClusterOpts, ProcCluster};
+use atoll_tests::watch_check::{self, prefix_end, WatcherLog, Write as EtcdWrite, WriteOp};
 use parking_lot::Mutex;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -176,6 +191,162 @@ async fn client_loop(id: u64, cl: Arc<Client>, w: Arc<Workload>, seed: u64) {
     }
 }
 
+/// The keys the etcd writers write and the watchers watch: 16 under each prefix.
+const WATCH_PREFIXES: [&str; 3] = ["watch/a/", "watch/b/", "watch/c/"];
+const WATCH_KEYS_PER_PREFIX: usize = 16;
+
+fn watch_key(prefix: usize, i: usize) -> String {
+    format!("{}k{i:02}", WATCH_PREFIXES[prefix])
+}
+
+/// Split before the run: each prefix in two regions, the prefixes apart.
+fn watch_splits() -> Vec<String> {
+    let mut v = vec!["watch/".to_string()];
+    for (p, prefix) in WATCH_PREFIXES.iter().enumerate() {
+        if p > 0 {
+            v.push(prefix.to_string());
+        }
+        v.push(watch_key(p, WATCH_KEYS_PER_PREFIX / 2));
+    }
+    v
+}
+
+/// An etcd writer: puts (half), deletes, and txns of 2 or 3 keys under different prefixes
+/// (so in different regions), one of them sometimes a delete; each value is unique.
+async fn etcd_writer(
+    id: usize,
+    nodes: Vec<String>,
+    stop: Arc<AtomicBool>,
+    out: Arc<Mutex<Vec<EtcdWrite>>>,
+    seed: u64,
+) {
+    let mut rng = StdRng::seed_from_u64(seed ^ 0xE7CD ^ (id as u64).wrapping_mul(0x9E37_79B9));
+    let mut node = id;
+    let mut kv = etcd_watch::kv_client(&nodes[node % nodes.len()]);
+    let mut seq = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        seq += 1;
+        let value = format!("e{id}-{seq}");
+        let key =
+            |rng: &mut StdRng, p: usize| watch_key(p, rng.gen_range(0..WATCH_KEYS_PER_PREFIX));
+        let r = rng.gen_range(0..100);
+        let ops = if r < 50 {
+            let p = rng.gen_range(0..WATCH_PREFIXES.len());
+            vec![WriteOp::put(key(&mut rng, p), value)]
+        } else if r < 65 {
+            let p = rng.gen_range(0..WATCH_PREFIXES.len());
+            vec![WriteOp::delete(key(&mut rng, p))]
+        } else {
+            let n = rng.gen_range(2..=3);
+            let first = rng.gen_range(0..WATCH_PREFIXES.len());
+            let mut ops: Vec<WriteOp> = (0..n)
+                .map(|j| {
+                    let k = key(&mut rng, (first + j) % WATCH_PREFIXES.len());
+                    WriteOp::put(k, format!("{value}.{j}"))
+                })
+                .collect();
+            if rng.gen_bool(0.25) {
+                let k = ops[n - 1].key().to_vec();
+                ops[n - 1] = WriteOp::delete(k);
+            }
+            ops
+        };
+        let w = etcd_watch::write(&mut kv, &ops, Duration::from_secs(5)).await;
+        if w.outcome == watch_check::WriteOutcome::Unknown {
+            node += 1;
+            kv = etcd_watch::kv_client(&nodes[node % nodes.len()]);
+        }
+        out.lock().push(w);
+    }
+}
+
+/// The recorded watchers: prefixes spanning several regions, a range across two prefixes, a
+/// from-key range; with and without `prev_kv` and progress requests; one starting "now".
+fn watch_specs(history_start: i64) -> Vec<WatchSpec> {
+    let prefix = |name: &str, p: &str| WatchSpec {
+        name: name.into(),
+        key: p.as_bytes().to_vec(),
+        range_end: prefix_end(p.as_bytes()),
+        start_revision: history_start + 1,
+        ..Default::default()
+    };
+    let ms = Duration::from_millis;
+    vec![
+        WatchSpec {
+            request_progress: Some(ms(1000)),
+            ..prefix("all", "watch/")
+        },
+        WatchSpec {
+            prev_kv: true,
+            ..prefix("a-prev-kv", WATCH_PREFIXES[0])
+        },
+        WatchSpec {
+            progress_notify: true,
+            request_progress: Some(ms(2000)),
+            ..prefix("b-notify", WATCH_PREFIXES[1])
+        },
+        WatchSpec {
+            name: "a8-c8-prev-kv".into(),
+            key: watch_key(0, 8).into_bytes(),
+            range_end: watch_key(2, 8).into_bytes(),
+            prev_kv: true,
+            request_progress: Some(ms(1000)),
+            ..prefix("", "")
+        },
+        WatchSpec {
+            start_revision: 0,
+            ..prefix("c-now", WATCH_PREFIXES[2])
+        },
+        WatchSpec {
+            name: "from-b8".into(),
+            key: watch_key(1, 8).into_bytes(),
+            range_end: vec![0],
+            prev_kv: true,
+            request_progress: Some(ms(3000)),
+            ..prefix("", "")
+        },
+    ]
+}
+
+/// Splits regions under the watched prefixes at random keys while the nemesis runs.
+fn splitter(pd: String, stop: Arc<AtomicBool>, splits: Arc<AtomicU64>, seed: u64) {
+    let mut rng = StdRng::seed_from_u64(seed ^ 0x5_0117);
+    while !stop.load(Ordering::Relaxed) {
+        // Pace: one split every 3 to 7 seconds (checking the stop flag meanwhile).
+        let until = Instant::now() + Duration::from_millis(rng.gen_range(3000..7000));
+        while Instant::now() < until && !stop.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        if stop.load(Ordering::Relaxed) {
+            break;
+        }
+        let key = watch_key(
+            rng.gen_range(0..WATCH_PREFIXES.len()),
+            rng.gen_range(1..WATCH_KEYS_PER_PREFIX),
+        );
+        let out = atoll_tests::procs::kvctl(&pd, &["--timeout", "5", "split", &key]);
+        if out.status.success() {
+            eprintln!("splitter: split at {key}");
+            splits.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// A recorded watcher's log and its task (which ends with the revision it caught up to).
+type RecordedWatcher = (
+    Arc<Mutex<WatcherLog>>,
+    tokio::task::JoinHandle<Result<i64, String>>,
+);
+
+/// What the etcd writers and watchers of a run found.
+struct WatchResult {
+    report: watch_check::Report,
+    /// Watchers that never caught up, with why.
+    stalled: Vec<String>,
+    splits: u64,
+    target: i64,
+}
+
 #[derive(Debug, Clone, Copy)]
 enum Fault {
     KillStore(usize),
@@ -317,6 +488,8 @@ struct ChaosOpts {
     keys: usize,
     /// The deliberately broken build: stale reads from followers.
     broken_reads: bool,
+    /// etcd writers and watchers beside the clients, checked with the watch checker.
+    watch: bool,
 }
 
 struct ChaosResult {
@@ -327,6 +500,7 @@ struct ChaosResult {
     lost: Vec<String>,
     injected: BTreeMap<String, u64>,
     counts: BTreeMap<&'static str, u64>,
+    watch: Option<WatchResult>,
 }
 
 fn run_chaos(o: ChaosOpts) -> ChaosResult {
@@ -342,9 +516,12 @@ fn run_chaos(o: ChaosOpts) -> ChaosResult {
         ..Default::default()
     });
     c.wait_ready(Duration::from_secs(90));
-    let split: Vec<String> = (1..4)
+    let mut split: Vec<String> = (1..4)
         .map(|i| format!("chaos/k{:03}", i * o.keys / 4))
         .collect();
+    if o.watch {
+        split.extend(watch_splits());
+    }
     let mut args = vec!["split"];
     args.extend(split.iter().map(String::as_str));
     let out = c.kvctl(&args);
@@ -375,6 +552,51 @@ fn run_chaos(o: ChaosOpts) -> ChaosResult {
         seq: AtomicU64::new(0),
         counts: Mutex::new(BTreeMap::new()),
     });
+    // etcd writers and watchers, through the stores' client ports.
+    let nodes: Vec<String> = c.stores.iter().map(|s| s.addr.clone()).collect();
+    let wctl = WatchCtl::new(Duration::from_secs(8));
+    let etcd_stop = Arc::new(AtomicBool::new(false));
+    let etcd_writes: Arc<Mutex<Vec<EtcdWrite>>> = Arc::new(Mutex::new(vec![]));
+    let splits = Arc::new(AtomicU64::new(0));
+    let mut watchers = vec![];
+    let mut writers = vec![];
+    let mut split_thread = None;
+    let mut history_start = 0;
+    if o.watch {
+        // The revision before any etcd write: the watchers start right after it.
+        history_start = rt.block_on(async {
+            for i in 0..30 {
+                match etcd_watch::current_revision(&nodes[i % nodes.len()], b"watch/").await {
+                    Ok(r) => return r,
+                    Err(e) => eprintln!("current revision from {}: {e}", nodes[i % nodes.len()]),
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            panic!("no store answered a Range");
+        });
+        for (i, spec) in watch_specs(history_start).into_iter().enumerate() {
+            let log = Arc::new(Mutex::new(spec.log()));
+            let h = rt.spawn(etcd_watch::run_watcher(
+                spec,
+                nodes.clone(),
+                i,
+                wctl.clone(),
+                log.clone(),
+            ));
+            watchers.push((log, h));
+        }
+        for id in 0..3 {
+            writers.push(rt.spawn(etcd_writer(
+                id,
+                nodes.clone(),
+                etcd_stop.clone(),
+                etcd_writes.clone(),
+                seed,
+            )));
+        }
+        let (pd, stop, n) = (c.pd_endpoints(), etcd_stop.clone(), splits.clone());
+        split_thread = Some(std::thread::spawn(move || splitter(pd, stop, n, seed)));
+    }
     let handles: Vec<_> = (0..o.clients)
         .map(|id| rt.spawn(client_loop(id, cl.clone(), w.clone(), seed)))
         .collect();
@@ -397,14 +619,30 @@ fn run_chaos(o: ChaosOpts) -> ChaosResult {
         nem.run(f, hold);
         std::thread::sleep(Duration::from_millis(nem.rng.gen_range(1000..3000)));
     }
-    let injected = std::mem::take(&mut nem.injected);
+    let mut injected = std::mem::take(&mut nem.injected);
     // A quiet tail: the cluster heals while the clients go on.
     std::thread::sleep(Duration::from_secs(3));
     w.stop.store(true, Ordering::Relaxed);
+    etcd_stop.store(true, Ordering::Relaxed);
     rt.block_on(async {
-        for h in handles {
+        for h in handles.into_iter().chain(writers) {
             let _ = h.await;
         }
+    });
+    if let Some(t) = split_thread {
+        t.join().expect("splitter");
+        injected.insert("Split".into(), splits.load(Ordering::Relaxed));
+    }
+    let watch = o.watch.then(|| {
+        finish_watch(
+            &rt,
+            &c,
+            &wctl,
+            watchers,
+            history_start,
+            std::mem::take(&mut *etcd_writes.lock()),
+            splits.load(Ordering::Relaxed),
+        )
     });
 
     // Final read of every key, through the safe path, with every process up.
@@ -442,6 +680,11 @@ fn run_chaos(o: ChaosOpts) -> ChaosResult {
         let dump = c.path().join("history.json");
         std::fs::write(&dump, serde_json::to_vec(&history).unwrap()).unwrap();
         eprintln!("history written to {} (kept)", dump.display());
+    }
+    let watch_failed = watch
+        .as_ref()
+        .is_some_and(|x| !x.report.is_ok() || !x.stalled.is_empty());
+    if !violations.is_empty() || !lost.is_empty() || watch_failed {
         let dir = std::mem::replace(&mut c.dir, tempfile::tempdir().unwrap());
         let _ = dir.keep();
     }
@@ -454,6 +697,75 @@ fn run_chaos(o: ChaosOpts) -> ChaosResult {
         lost,
         injected,
         counts,
+        watch,
+    }
+}
+
+/// After the faults healed and the writers stopped: every watcher catches up to the largest
+/// acknowledged revision (progress requests until a progress notification reaches it), then
+/// the watch checker runs over everything recorded.
+fn finish_watch(
+    rt: &tokio::runtime::Runtime,
+    c: &ProcCluster,
+    ctl: &Arc<WatchCtl>,
+    watchers: Vec<RecordedWatcher>,
+    history_start: i64,
+    writes: Vec<EtcdWrite>,
+    splits: u64,
+) -> WatchResult {
+    let target = writes
+        .iter()
+        .filter_map(|w| match w.outcome {
+            watch_check::WriteOutcome::Acked(r) => Some(r),
+            watch_check::WriteOutcome::Unknown => None,
+        })
+        .max()
+        .unwrap_or(history_start)
+        .max(history_start + 1);
+    ctl.catch_up_to.store(target, Ordering::Relaxed);
+    let t = Instant::now();
+    let mut stalled = vec![];
+    let mut logs = vec![];
+    rt.block_on(async {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+        for (log, h) in watchers {
+            let name = log.lock().name.clone();
+            match tokio::time::timeout_at(deadline, h).await {
+                Ok(Ok(Ok(_))) => {}
+                Ok(Ok(Err(e))) => stalled.push(format!("{name}: {e}")),
+                Ok(Err(e)) => stalled.push(format!("{name}: task failed: {e}")),
+                Err(_) => stalled.push(format!("{name}: not caught up to {target} in 90 s")),
+            }
+            logs.push(log);
+        }
+    });
+    ctl.stop.store(true, Ordering::Relaxed);
+    eprintln!(
+        "watch: caught up to {target} in {:?}; {} stalled",
+        t.elapsed(),
+        stalled.len()
+    );
+    let history = watch_check::History {
+        history_start,
+        writes,
+        watchers: logs.iter().map(|l| l.lock().clone()).collect(),
+    };
+    let t = Instant::now();
+    let report = watch_check::check(&history);
+    eprintln!("watch checker: {:?}\n{report}", t.elapsed());
+    for s in &stalled {
+        eprintln!("watch: stalled watcher {s}");
+    }
+    if !report.is_ok() || !stalled.is_empty() {
+        let dump = c.path().join("watch_history.json");
+        std::fs::write(&dump, serde_json::to_vec(&history).unwrap()).unwrap();
+        eprintln!("watch history written to {} (kept)", dump.display());
+    }
+    WatchResult {
+        report,
+        stalled,
+        splits,
+        target,
     }
 }
 
@@ -469,6 +781,20 @@ fn report(r: &ChaosResult) {
         r.lost.len(),
         r.inconclusive
     );
+    if let Some(wr) = &r.watch {
+        eprintln!(
+            "chaos watch: {} events checked, {} resumes, faults {:?} ({} splits), {} violations, \
+             {} watchers stalled; caught up to {}; {}",
+            wr.report.events_checked,
+            wr.report.resumes,
+            r.injected,
+            wr.splits,
+            wr.report.violations.len(),
+            wr.stalled.len(),
+            wr.target,
+            wr.report.summary()
+        );
+    }
 }
 
 fn secs(default: u64) -> u64 {
@@ -501,6 +827,19 @@ fn assert_clean(r: &ChaosResult) {
         "too few faults: {:?}",
         r.injected
     );
+    if let Some(wr) = &r.watch {
+        assert!(
+            wr.stalled.is_empty(),
+            "watchers never caught up: {:?}",
+            wr.stalled
+        );
+        assert!(wr.report.is_ok(), "watch violations:\n{}", wr.report);
+        assert!(
+            wr.report.writes_acked > 100 && wr.report.events_checked > 500,
+            "too few etcd writes or watch events to mean anything: {}",
+            wr.report.summary()
+        );
+    }
 }
 
 #[test]
@@ -511,6 +850,7 @@ fn chaos_bounded() {
         clients: 12,
         keys: 48,
         broken_reads: false,
+        watch: true,
     });
     assert_clean(&r);
 }
@@ -527,6 +867,7 @@ fn chaos_long() {
         clients: 16,
         keys: 64,
         broken_reads: false,
+        watch: true,
     });
     assert_clean(&r);
 }
@@ -542,6 +883,7 @@ fn chaos_checker_catches_stale_follower_reads() {
         clients: 8,
         keys: 8,
         broken_reads: true,
+        watch: false,
     });
     report(&r);
     assert!(
