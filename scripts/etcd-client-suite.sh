@@ -54,7 +54,7 @@ TEST_ETCD_HTTP_URL=http://127.0.0.1:$store_port "$venv/bin/pytest" -p no:cachepr
   -o addopts="" -q -rs \
   tests/test_client.py tests/test_exceptions.py tests/test_rtypes.py tests/test_utils.py \
   tests/integration/test_kv.py tests/integration/test_cluster.py \
-  tests/integration/test_maintenance.py \
+  tests/integration/test_maintenance.py tests/integration/test_watch.py \
   --deselect tests/integration/test_kv.py::test_replace_with_lease_success \
   --deselect tests/integration/test_maintenance.py::test_create_alarm_all_members \
   --deselect tests/integration/test_maintenance.py::test_create_alarm_specific_member \

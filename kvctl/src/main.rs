@@ -3,6 +3,7 @@
 
 mod bench;
 mod playground;
+mod watch;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -100,6 +101,8 @@ enum Cmd {
         #[arg(num_args = 1.., allow_hyphen_values = true)]
         ops: Vec<String>,
     },
+    /// Follow changes of KEY (or, with --prefix, of every key under it): one line per event.
+    Watch(watch::WatchArgs),
     /// Load generator; prints one JSON line.
     Bench(bench::BenchArgs),
     /// A local PD and N storage nodes in this process, until Ctrl-C.
@@ -271,6 +274,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 std::process::exit(1);
             }
         }
+        Cmd::Watch(args) => watch::run(&c, args, out == Output::Json).await?,
         Cmd::Stores => {
             let infos = c.pd().get_all_stores(false).await?;
             let mut rows = vec![];

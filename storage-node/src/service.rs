@@ -18,9 +18,15 @@ impl<E: KvEngine> KvService<E> {
 }
 
 macro_rules! kv_service {
-    ($($method:ident($req:ty) -> $resp:ty;)*) => {
+    (admitted { $($method:ident($req:ty) -> $resp:ty;)* } unadmitted { $($own:ident($oreq:ty) -> $oresp:ty;)* }) => {
         #[tonic::async_trait]
         impl<E: KvEngine> Kv for KvService<E> {
+            $(
+                // Admits itself: it may wait (a long poll) before it does any work.
+                async fn $own(&self, req: Request<$oreq>) -> Result<Response<$oresp>, Status> {
+                    self.storage.$own(req.into_inner()).await.map(Response::new)
+                }
+            )*
             $(
                 async fn $method(&self, req: Request<$req>) -> Result<Response<$resp>, Status> {
                     let Some(_permit) = self.storage.admit() else {
@@ -36,6 +42,7 @@ macro_rules! kv_service {
 }
 
 kv_service! {
+    admitted {
     kv_get(GetRequest) -> GetResponse;
     kv_batch_get(BatchGetRequest) -> BatchGetResponse;
     kv_scan(ScanRequest) -> ScanResponse;
@@ -58,4 +65,8 @@ kv_service! {
     etcd_txn(EtcdTxnRequest) -> EtcdTxnResponse;
     gc_wait(GcWaitRequest) -> GcWaitResponse;
     split_region(SplitRegionRequest) -> SplitRegionResponse;
+    }
+    unadmitted {
+        kv_changes(ChangesRequest) -> ChangesResponse;
+    }
 }

@@ -20,6 +20,15 @@ pub enum EtcdTxnOutcome {
     SpansRegions,
 }
 
+/// The end of `[.., end)` (empty: unbounded) clipped to `region`'s end.
+pub fn clip_end(end: &[u8], region: &metapb::Region) -> Vec<u8> {
+    if region.end_key.is_empty() || (!end.is_empty() && end < region.end_key.as_slice()) {
+        end.to_vec()
+    } else {
+        region.end_key.clone()
+    }
+}
+
 /// Whether `[start, end)` (empty `end`: unbounded) lies in `region`.
 pub fn range_in_region(start: &[u8], end: &[u8], region: &metapb::Region) -> bool {
     if !atoll_keys::in_range(start, &region.start_key, &region.end_key) {
@@ -75,13 +84,7 @@ impl Client {
                 .call(Locate::Key(&cursor), deadline, |mut c, mut ctx, region| {
                     ctx.resolved_locks = bypass.clone();
                     let r = &region.region;
-                    let e = if r.end_key.is_empty()
-                        || (!end.is_empty() && end < r.end_key.as_slice())
-                    {
-                        end.to_vec()
-                    } else {
-                        r.end_key.clone()
-                    };
+                    let e = clip_end(end, r);
                     let req = kvrpcpb::EtcdRangeRequest {
                         context: Some(ctx),
                         start_key: cur.clone(),
@@ -182,8 +185,74 @@ impl Client {
 
     /// A fresh timestamp identifying one write (see [`Client::etcd_txn`]): handed out by PD
     /// after the call, so the write's revision comes out above every revision answered
-    /// before it (a block of timestamps fetched earlier would not do).
+    /// before it (a block of timestamps fetched earlier would not do); the next timestamp is
+    /// reserved for its commit (see `start_version` in kvrpcpb).
     pub async fn write_id(&self) -> Result<u64> {
-        self.tso().await
+        Ok(self.pd().get_tso_block(2).await?)
+    }
+}
+
+/// What one region answered about the changes of a range (see [`Client::region_changes`]).
+#[derive(Debug, Default)]
+pub struct RegionChanges {
+    /// Ascending by (revision, key); a revision's events are all here.
+    pub events: Vec<atoll_proto::mvccpb::Event>,
+    /// Every change of `[start, end)` in (from, resolved] is in `events`.
+    pub resolved: u64,
+    /// Where the answered range ends: the region's end, or the asked end if it comes first
+    /// (empty: unbounded). The caller asks again from here for the rest.
+    pub end: Vec<u8>,
+    /// Non-zero when `from` is below the GC safe point: this is the safe point.
+    pub compacted: u64,
+    /// A transaction lock that held `resolved` back, if any.
+    pub lock: Option<kvrpcpb::LockInfo>,
+}
+
+impl Client {
+    /// The changes of `[start, end)` (empty `end`: unbounded) after version `from`, from the
+    /// one region holding `start` (the answer says where it stops), complete up to the
+    /// answer's `resolved`: the leader's side of a watch (`Storage::kv_changes`). With
+    /// `wait_ms`, the leader waits that long for a change before answering.
+    pub async fn region_changes(
+        &self,
+        start: &[u8],
+        end: &[u8],
+        from: u64,
+        prev_kv: bool,
+        wait_ms: u32,
+    ) -> Result<RegionChanges> {
+        let wait_ms = u64::from(wait_ms).min(self.cfg.rpc_timeout.as_millis() as u64 / 2) as u32;
+        let deadline = self.deadline();
+        let (region, resp) = self
+            .call(Locate::Key(start), deadline, |mut c, ctx, region| {
+                let r = &region.region;
+                let e = clip_end(end, r);
+                let req = kvrpcpb::ChangesRequest {
+                    context: Some(ctx),
+                    start_key: start.to_vec(),
+                    end_key: e,
+                    from_version: from,
+                    prev_kv,
+                    wait_ms,
+                    max_bytes: 0,
+                };
+                async move { c.kv_changes(req).await }
+            })
+            .await?;
+        let end = clip_end(end, &region.region);
+        let lock = match resp.error {
+            Some(kvrpcpb::KeyError {
+                locked: Some(l), ..
+            }) => Some(l),
+            Some(e) => return Err(crate::errors::key_error(e)),
+            None => None,
+        };
+        Ok(RegionChanges {
+            events: resp.events,
+            resolved: resp.resolved_version,
+            end,
+            compacted: resp.compacted_version,
+            lock,
+        })
     }
 }

@@ -108,6 +108,7 @@ region_response!(
     kvrpcpb::ScanLockResponse,
     kvrpcpb::EtcdRangeResponse,
     kvrpcpb::EtcdTxnResponse,
+    kvrpcpb::ChangesResponse,
     kvrpcpb::SplitRegionResponse
 );
 
@@ -204,16 +205,17 @@ impl Client {
         Ok(self.pd().get_tso().await?)
     }
 
-    /// A unique (not necessarily fresh) timestamp identifying one write.
+    /// A unique (not necessarily fresh) timestamp identifying one write; the next one is
+    /// reserved for its commit (see `start_version` in kvrpcpb), so they go out in pairs.
     pub(crate) async fn unique_ts(&self) -> Result<u64> {
         let mut p = self.pool.lock().await;
-        if p.next >= p.end {
+        if p.next + 1 >= p.end {
             let first = self.pd().get_tso_block(256).await?;
             p.next = first;
             p.end = first + 256;
         }
         let ts = p.next;
-        p.next += 1;
+        p.next += 2;
         Ok(ts)
     }
 
@@ -679,13 +681,7 @@ impl Client {
                         };
                         (s, cur.clone())
                     } else {
-                        let e = if r.end_key.is_empty()
-                            || (!end.is_empty() && end < r.end_key.as_slice())
-                        {
-                            end.to_vec()
-                        } else {
-                            r.end_key.clone()
-                        };
+                        let e = etcd::clip_end(end, r);
                         (cur.clone(), e)
                     };
                     let req = kvrpcpb::ScanRequest {
@@ -887,13 +883,7 @@ impl Client {
             let (region, resp) = self
                 .call(Locate::Key(&cur), deadline, |mut c, ctx, region| {
                     let r = &region.region;
-                    let e = if r.end_key.is_empty()
-                        || (!end.is_empty() && end < r.end_key.as_slice())
-                    {
-                        end.to_vec()
-                    } else {
-                        r.end_key.clone()
-                    };
+                    let e = etcd::clip_end(end, r);
                     let req = kvrpcpb::DeleteRangeRequest {
                         context: Some(ctx),
                         start_key: cur.clone(),

@@ -14,15 +14,17 @@
 //! | `/v3/kv/range`, `/v3/kv/put`, `/v3/kv/deleterange`, `/v3/kv/txn`, `/v3/kv/compaction` | KV |
 //! | `/v3/cluster/member/{list,add,remove,update,promote}` | Cluster |
 //! | `/v3/maintenance/{status,alarm,defragment,hash,hashkv,transfer-leadership,downgrade}` | Maintenance |
+//! | `/v3/watch` | Watch: the body's requests in, one `{"result": ...}` line per response out |
 //! | `GET /version` | `{"etcdserver":"3.5.17","etcdcluster":"3.5.0"}` |
 //! | `GET /health` | a linearizable range of one key through the KV service (`?serializable=true`: a serializable one) |
 
 use crate::errors;
 use crate::json::{self, JsonMessage};
+use crate::watch::WatchService;
 use atoll_proto::etcdserverpb::cluster_server::Cluster;
 use atoll_proto::etcdserverpb::kv_server::Kv;
 use atoll_proto::etcdserverpb::maintenance_server::Maintenance;
-use atoll_proto::etcdserverpb::RangeRequest;
+use atoll_proto::etcdserverpb::{RangeRequest, WatchRequest};
 use axum::body::Body;
 use axum::extract::Request;
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
@@ -32,6 +34,7 @@ use axum::Router;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio_stream::StreamExt;
 use tonic::metadata::{Ascii, MetadataKey, MetadataMap, MetadataValue};
 use tonic::{Code, Status};
 
@@ -42,8 +45,13 @@ pub const MAX_BODY: usize = 64 << 20;
 /// timeouts of its defaults).
 pub const HEALTH_TIMEOUT: Duration = Duration::from_secs(7);
 
-/// The gateway over the three services.
-pub fn router<K, C, M>(kv: Arc<K>, cluster: Arc<C>, maintenance: Arc<M>) -> Router
+/// The gateway over the services.
+pub fn router<K, C, M>(
+    kv: Arc<K>,
+    cluster: Arc<C>,
+    maintenance: Arc<M>,
+    watch: Arc<WatchService>,
+) -> Router
 where
     K: Kv,
     C: Cluster,
@@ -87,6 +95,14 @@ where
             unary!(maintenance, move_leader),
         )
         .route("/v3/maintenance/downgrade", unary!(maintenance, downgrade))
+        .route(
+            "/v3/watch",
+            post(move |req: Request| {
+                let watch = watch.clone();
+                async move { watch_stream(req, &watch).await }
+            })
+            .fallback(method_not_allowed),
+        )
         .route("/version", get_only(|_req: Request| async { version() }))
         .route(
             "/health",
@@ -152,6 +168,49 @@ where
         },
         Err(status) => error_response(&status),
     }
+}
+
+/// `POST /v3/watch`: the body holds watch requests (JSON objects, one after another, as
+/// grpc-gateway reads a client stream); the answer streams each watch response as one line
+/// `{"result": ...}`, as etcd's gateway does, until the client goes away.
+async fn watch_stream(req: Request, watch: &WatchService) -> Response {
+    let bytes = match axum::body::to_bytes(req.into_body(), MAX_BODY).await {
+        Ok(b) => b,
+        Err(e) => return error_response(&Status::invalid_argument(e.to_string())),
+    };
+    let mut requests = vec![];
+    let mut values = serde_json::Deserializer::from_slice(&bytes).into_iter::<serde_json::Value>();
+    for v in values.by_ref() {
+        let parsed = v
+            .map_err(|e| e.to_string())
+            .and_then(|v| json::from_json(v.to_string().as_bytes()).map_err(|e| e.0));
+        match parsed {
+            Ok(r) => requests.push(Ok(r)),
+            Err(e) => return error_response(&Status::invalid_argument(e)),
+        }
+    }
+    if requests.is_empty() {
+        requests.push(Ok(WatchRequest::default()));
+    }
+    let inbound = tokio_stream::iter(requests).chain(tokio_stream::pending());
+    let rx = watch.serve(inbound);
+    let lines = tokio_stream::wrappers::ReceiverStream::new(rx).map(|r| {
+        let mut line = match r {
+            Ok(resp) => match json::to_json(&resp) {
+                Ok(body) => [b"{\"result\":".as_slice(), &body, b"}"].concat(),
+                Err(e) => error_body(&Status::internal(e.0)),
+            },
+            Err(status) => error_body(&status),
+        };
+        line.push(b'\n');
+        Ok::<_, std::convert::Infallible>(line)
+    });
+    let mut r = Response::new(Body::from_stream(lines));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
 }
 
 /// Headers grpc-gateway passes on as metadata: `Authorization` (as `authorization`) and

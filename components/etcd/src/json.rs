@@ -98,6 +98,8 @@ json_messages! {
     etcdserverpb::HashResponse => "etcdserverpb.HashResponse",
     etcdserverpb::HashKvRequest => "etcdserverpb.HashKVRequest",
     etcdserverpb::HashKvResponse => "etcdserverpb.HashKVResponse",
+    etcdserverpb::WatchRequest => "etcdserverpb.WatchRequest",
+    etcdserverpb::WatchResponse => "etcdserverpb.WatchResponse",
     etcdserverpb::MoveLeaderRequest => "etcdserverpb.MoveLeaderRequest",
     etcdserverpb::MoveLeaderResponse => "etcdserverpb.MoveLeaderResponse",
     etcdserverpb::DowngradeRequest => "etcdserverpb.DowngradeRequest",

@@ -10,6 +10,7 @@
 //! | [`kv`] | the KV service (Range, Put, DeleteRange, Txn, Compact) |
 //! | [`cluster`] | the Cluster service: members are the Up stores |
 //! | [`maintenance`] | the Maintenance service: Status, Alarm, Defragment |
+//! | [`watch`] | the Watch service: sharded change feeds merged in revision order, shared by watchers of one range |
 //! | [`json`] | the gateway's JSON mapping (grpc-gateway v1 conventions) by proto reflection |
 //! | [`gateway`] | the HTTP routes: `POST /v3/...`, `GET /version`, `GET /health` |
 //! | [`server`] | gRPC and HTTP on one port, routed by content type |
@@ -29,12 +30,14 @@ pub mod json;
 pub mod kv;
 pub mod maintenance;
 pub mod server;
+pub mod watch;
 
 pub use cluster::ClusterService;
 pub use context::{DbSize, EtcdContext, LocalStore, RaftStatus, RocksLocalStore};
 pub use kv::KvService;
 pub use maintenance::MaintenanceService;
 pub use server::{routes, EtcdServices};
+pub use watch::WatchService;
 
 /// The etcd server version Atoll reports (Status, `/version`). Clients gate features on it.
 pub const ETCD_VERSION: &str = "3.5.17";

@@ -8,9 +8,11 @@ use crate::context::EtcdContext;
 use crate::gateway;
 use crate::kv::KvService;
 use crate::maintenance::MaintenanceService;
+use crate::watch::WatchService;
 use atoll_proto::etcdserverpb::cluster_server::ClusterServer;
 use atoll_proto::etcdserverpb::kv_server::KvServer;
 use atoll_proto::etcdserverpb::maintenance_server::MaintenanceServer;
+use atoll_proto::etcdserverpb::watch_server::WatchServer;
 use axum::extract::Request;
 use axum::http::{header, Version};
 use std::sync::Arc;
@@ -28,6 +30,7 @@ pub struct EtcdServices {
     pub kv: Arc<KvService>,
     pub cluster: Arc<ClusterService>,
     pub maintenance: Arc<MaintenanceService>,
+    pub watch: Arc<WatchService>,
 }
 
 impl EtcdServices {
@@ -36,6 +39,7 @@ impl EtcdServices {
             kv: Arc::new(KvService::new(ctx.clone())),
             cluster: Arc::new(ClusterService::new(ctx.clone())),
             maintenance: Arc::new(MaintenanceService::new(ctx.clone())),
+            watch: Arc::new(WatchService::new(ctx.clone())),
         }
     }
 
@@ -47,7 +51,12 @@ impl EtcdServices {
                 .max_encoding_message_size(MAX_GRPC_MESSAGE),
         )
         .add_service(ClusterServer::from_arc(self.cluster.clone()))
-        .add_service(MaintenanceServer::from_arc(self.maintenance.clone()));
+        .add_service(MaintenanceServer::from_arc(self.maintenance.clone()))
+        .add_service(
+            WatchServer::from_arc(self.watch.clone())
+                .max_decoding_message_size(MAX_GRPC_MESSAGE)
+                .max_encoding_message_size(MAX_GRPC_MESSAGE),
+        );
     }
 
     /// The HTTP/JSON gateway over these services.
@@ -56,6 +65,7 @@ impl EtcdServices {
             self.kv.clone(),
             self.cluster.clone(),
             self.maintenance.clone(),
+            self.watch.clone(),
         )
     }
 }

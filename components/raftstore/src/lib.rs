@@ -7,6 +7,7 @@
 //! | --- | --- |
 //! | [`config`], [`errors`], [`failpoints`], [`metrics`], [`ids`] | settings, errors, failpoint names, metrics, id newtypes |
 //! | [`util`] | regions, epochs, keys: the one reading of a region's end bound |
+//! | [`observer`] | the hook a change feed hangs on the apply side ([`observer::ApplyObserver`]) |
 //! | [`transport`] | what the raftstore needs from the network |
 //! | [`liveness`] | when each other store was last heard from; down/up transitions |
 //! | [`batch`] | the batch system: FSMs, mailboxes, a fixed pool of pollers |
@@ -60,6 +61,7 @@ pub mod liveness;
 pub mod meta;
 pub mod metrics;
 pub mod msg;
+pub mod observer;
 pub mod operation;
 pub mod raft;
 pub mod router;

@@ -37,6 +37,11 @@ impl<E: KvEngine> Clone for RaftRouter<E> {
 }
 
 impl<E: KvEngine> RaftRouter<E> {
+    /// Installs the observer of applied writes (once; later calls are ignored).
+    pub fn set_apply_observer(&self, o: Arc<dyn crate::observer::ApplyObserver>) {
+        let _ = self.ctx.observer.set(o);
+    }
+
     pub fn store_id(&self) -> StoreId {
         StoreId(self.ctx.store_id)
     }

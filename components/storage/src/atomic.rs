@@ -98,11 +98,11 @@ impl<E: KvEngine> Storage<E> {
         let mut keys = keys.to_vec();
         keys.sort();
         keys.dedup();
-        let mut floor = start_ts;
+        let mut newest = 0;
         loop {
             let latch = self.latches.acquire(&keys).await;
             let mem = self.cm.lock_keys(&keys);
-            let ts = self.cm.next_commit_ts(floor);
+            let ts = self.one_pc_commit_ts(start_ts, newest, true).await?;
             mem.set_commit_ts(ts);
             let point_ranges = keys.iter().map(|k| {
                 let mut end = k.clone();
@@ -176,12 +176,10 @@ impl<E: KvEngine> Storage<E> {
                 keys.dedup();
                 continue;
             }
-            let mut newest = 0;
             for w in &writes {
                 newest = newest.max(reader.latest_commit_ts(&w.key)?.unwrap_or(0));
             }
             if newest >= ts {
-                floor = newest;
                 continue;
             }
             let mut txn = MvccTxn::new(start_ts);

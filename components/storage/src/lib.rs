@@ -10,6 +10,7 @@
 //! | [`txn`] | Percolator commands |
 //! | [`atomic`] | atomic commands on one region at one timestamp (etcd's Put, DeleteRange, Txn) |
 //! | [`etcd`] | etcd's KV on one region (range with metadata; put, delete-range and txn as one atomic command), and etcd's semantics in [`etcd::eval`] |
+//! | [`changes`] | the change feed's leader side: changes of a range since a version, complete up to a resolved version (etcd's Watch) |
 //! | [`gc`] | collecting versions below PD's safe point |
 //! | [`config`] | the `[storage]` configuration |
 //!
@@ -19,11 +20,12 @@
 //!   writes in flight, then read a linearizable snapshot (ReadIndex on the leader). A read at
 //!   version 0 reads the latest committed data.
 //! - **Plain writes** (put, delete, compare-and-swap, delete-range) commit in one phase on the
-//!   leader: under per-key latches and in-memory locks, with `commit_ts = max(start_ts,
-//!   max_ts) + 1` (a fresh TSO if that would not exceed the key's newest version), so no read
-//!   already served at a timestamp misses them; they are answered only once PD has handed
-//!   out a timestamp at or above `commit_ts` (`commit_wait`: `max_ts + 1` can run ahead of PD),
-//!   so no later timestamp from PD is below them. The same holds for atomic (etcd) commands.
+//!   leader: under per-key latches and in-memory locks, at `commit_ts = start_ts + 1` (which
+//!   the client reserved from PD with the start timestamp) when that is above `max_ts` and the
+//!   keys' newest versions, else at a fresh timestamp from PD: so no read already served at
+//!   a timestamp misses them, no two commands anywhere share a commit timestamp, and every
+//!   commit timestamp was handed out by PD before the commit was chosen (no later timestamp
+//!   from PD is below it). The same holds for atomic (etcd) commands.
 //!   A write carries a unique start timestamp; a retry of an applied write is recognised and
 //!   answered without applying it twice.
 //! - **Transaction commands** (prewrite, commit, ...) run the `atoll-txn` actions under latches
@@ -32,6 +34,7 @@
 //! - **GC** drops versions below PD's safe point in bounded batches, leader by leader.
 
 pub mod atomic;
+pub mod changes;
 pub mod config;
 pub mod etcd;
 pub mod gc;

@@ -112,6 +112,8 @@ pub struct Storage<E: KvEngine> {
     pub(crate) gc_done: tokio::sync::watch::Sender<u64>,
     /// Starts a GC pass now instead of at the next interval.
     pub(crate) gc_kick: tokio::sync::Notify,
+    /// What the apply side wrote, for the regions whose changes are asked about (changes.rs).
+    pub(crate) changes: Arc<crate::changes::ChangeLog>,
 }
 
 pub(crate) fn header(ctx: &Context) -> RaftRequestHeader {
@@ -167,7 +169,10 @@ pub(crate) fn to_requests(mods: Vec<Modify>) -> Vec<raft_cmdpb::Request> {
 
 impl<E: KvEngine> Storage<E> {
     pub fn new(router: RaftRouter<E>, pd: Arc<dyn PdClient>, cfg: StorageConfig) -> Self {
+        let changes = Arc::new(crate::changes::ChangeLog::default());
+        router.set_apply_observer(changes.clone());
         Storage {
+            changes,
             latches: Latches::new(cfg.latch_slots),
             cm: ConcurrencyManager::new(0),
             synced: Mutex::new(HashMap::new()),
@@ -438,19 +443,55 @@ impl<E: KvEngine> Storage<E> {
         Ok(ts)
     }
 
-    /// A commit timestamp above max_ts, start_ts and `newest` (the keys' newest versions), no
-    /// other command's on this store.
-    /// It may be above what PD has handed out so far: answer only after
-    /// [`Storage::commit_wait`].
-    pub(crate) async fn one_pc_commit_ts(&self, start_ts: u64, newest: u64) -> Result<u64, Fail> {
-        let mut ts = self.cm.next_commit_ts(start_ts);
-        while ts <= newest {
-            // Above the keys' newest version: a fresh timestamp, then the next one above it
-            // and everything already taken.
-            let fresh = self.fresh_ts().await?;
-            ts = self.cm.next_commit_ts(fresh);
+    /// A one-phase commit timestamp above max_ts, `start_ts` and `newest` (the keys' newest
+    /// versions) that PD handed out to this command alone: `start_ts + 1` when `reserved`
+    /// (plain and etcd writes name themselves with a block of two timestamps from PD, the
+    /// second kept for their commit; see [`atoll_proto`]'s `start_version` docs) and it is
+    /// still above max_ts, else the second of a fresh pair. So no two commands anywhere share
+    /// a commit timestamp (etcd revisions are unique), and every commit timestamp was handed
+    /// out by PD before the commit was chosen: a read that starts after the answer reads
+    /// above it, and a change feed that learns a timestamp from PD after some moment knows
+    /// every commit chosen before that moment is at or below it.
+    pub(crate) async fn one_pc_commit_ts(
+        &self,
+        start_ts: u64,
+        newest: u64,
+        reserved: bool,
+    ) -> Result<u64, Fail> {
+        let candidate = start_ts.saturating_add(1);
+        if reserved && candidate > newest && self.cm.claim_commit_ts(candidate) {
+            return Ok(candidate);
         }
-        Ok(ts)
+        // A fresh pair is above every timestamp PD handed out before, so above every commit
+        // and every honest read. A read at a timestamp PD has not reached yet (a client's
+        // clock ahead) is waited out, briefly: PD's clock is real time.
+        let deadline = Instant::now() + Duration::from_secs(2);
+        loop {
+            let ts = self.fresh_pair().await?;
+            if ts > newest && self.cm.claim_commit_ts(ts) {
+                return Ok(ts);
+            }
+            if Instant::now() >= deadline {
+                return Err(abort(format!(
+                    "no commit timestamp above max_ts {} and the keys' newest version \
+                     {newest}: they are ahead of PD's clock",
+                    self.cm.max_ts()
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// The second of two consecutive fresh timestamps from PD (the first is never used: the
+    /// second is then this caller's alone).
+    async fn fresh_pair(&self) -> Result<u64, Fail> {
+        let first = self
+            .pd
+            .get_tso_block(2)
+            .await
+            .map_err(|e| abort(format!("TSO: {e}")))?;
+        self.issued.fetch_max(first + 1, Ordering::AcqRel);
+        Ok(first + 1)
     }
 
     /// Returns once PD has handed out a timestamp at or above `ts`, the commit (or read)

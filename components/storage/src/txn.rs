@@ -131,7 +131,9 @@ impl<E: KvEngine> Storage<E> {
                 for k in &ks {
                     newest = newest.max(reader.latest_commit_ts(k)?.unwrap_or(0));
                 }
-                commit_ts = self.one_pc_commit_ts(req.start_version, newest).await?;
+                commit_ts = self
+                    .one_pc_commit_ts(req.start_version, newest, false)
+                    .await?;
                 if req.max_commit_ts != 0 && commit_ts > req.max_commit_ts {
                     // Fall back to two phases: write the locks instead.
                     return Err(abort("one-phase commit timestamp above max_commit_ts"));

@@ -67,7 +67,7 @@ impl<E: KvEngine> Storage<E> {
         for (k, _) in &writes {
             newest = newest.max(reader.latest_commit_ts(k)?.unwrap_or(0));
         }
-        let commit_ts = self.one_pc_commit_ts(start_ts, newest).await?;
+        let commit_ts = self.one_pc_commit_ts(start_ts, newest, true).await?;
         mem.set_commit_ts(commit_ts);
         let mut txn = MvccTxn::new(start_ts);
         for (k, v) in writes {

@@ -9,8 +9,8 @@
 //! snapshot that later changes):
 //!
 //! 1. **Writer**: lock the keys in memory ([`ConcurrencyManager::lock_keys`]), *then* read
-//!    [`ConcurrencyManager::max_ts`], choose `commit_ts > max_ts` (and above the keys' latest
-//!    commit), record it with [`MemoryLockGuard::set_commit_ts`], write (through raft), and drop
+//!    claim a commit timestamp above it ([`ConcurrencyManager::claim_commit_ts`], and above
+//!    the keys' latest commit), record it with [`MemoryLockGuard::set_commit_ts`], write (through raft), and drop
 //!    the guard once the write is applied.
 //! 2. **Reader** at `read_ts`: [`ConcurrencyManager::update_max_ts`]`(read_ts)`, *then* check the
 //!    memory locks ([`ConcurrencyManager::check_key`] / [`ConcurrencyManager::check_range`], or
@@ -85,18 +85,20 @@ impl ConcurrencyManager {
         }
     }
 
-    /// A one-phase commit timestamp: `max(max_ts, floor) + 1`, recorded as the new `max_ts`
-    /// in the same atomic step, so no two commands of this store get the same one (etcd gives
-    /// every txn its own revision, and its lock recipe orders waiters by them).
-    pub fn next_commit_ts(&self, floor: u64) -> u64 {
-        let prev = self
-            .inner
-            .max_ts
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |m| {
-                Some(m.max(floor).saturating_add(1))
-            })
-            .unwrap_or_else(|m| m);
-        prev.max(floor).saturating_add(1)
+    /// Takes `ts` as a one-phase commit timestamp if it is above `max_ts` (every read served
+    /// and every commit timestamp taken so far), recording it as the new `max_ts` in the same
+    /// atomic step; `false` if it is not above. The caller passes a timestamp PD handed out to
+    /// this command alone, so no two commands anywhere share one (etcd gives every txn its own
+    /// revision, and its lock recipe orders waiters by them).
+    pub fn claim_commit_ts(&self, ts: u64) -> bool {
+        ts != u64::MAX
+            && self
+                .inner
+                .max_ts
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |m| {
+                    (m < ts).then_some(ts)
+                })
+                .is_ok()
     }
 
     /// Locks `keys` (user keys) in memory until the guard is dropped. Several guards may hold
@@ -296,16 +298,22 @@ mod tests {
     }
 
     #[test]
-    fn concurrent_commit_timestamps_are_distinct_and_above_max_ts() {
+    fn a_commit_timestamp_is_claimed_once_and_only_above_max_ts() {
         let cm = ConcurrencyManager::new(1000);
-        assert_eq!(cm.next_commit_ts(5), 1001);
-        assert_eq!(cm.next_commit_ts(2000), 2001);
-        assert_eq!(cm.max_ts(), 2001);
+        assert!(!cm.claim_commit_ts(1000), "not above a read");
+        assert!(!cm.claim_commit_ts(5));
+        assert!(cm.claim_commit_ts(1001));
+        assert_eq!(cm.max_ts(), 1001);
+        assert!(!cm.claim_commit_ts(1001), "claimed twice");
+        assert!(!cm.claim_commit_ts(u64::MAX));
+        // Concurrent claims of the same candidates: each is won by exactly one thread.
         let threads: Vec<_> = (0..4)
             .map(|_| {
                 let cm = cm.clone();
                 std::thread::spawn(move || {
-                    (0..2000).map(|_| cm.next_commit_ts(0)).collect::<Vec<_>>()
+                    (2000..6000u64)
+                        .filter(|ts| cm.claim_commit_ts(*ts))
+                        .collect::<Vec<_>>()
                 })
             })
             .collect();
@@ -313,15 +321,11 @@ mod tests {
             .into_iter()
             .flat_map(|t| t.join().unwrap())
             .collect();
+        let n = all.len();
         all.sort_unstable();
         all.dedup();
-        assert_eq!(
-            all.len(),
-            8000,
-            "two commands got the same commit timestamp"
-        );
-        assert_eq!(all[0], 2002);
-        assert_eq!(cm.max_ts(), 2001 + 8000);
+        assert_eq!(all.len(), n, "a timestamp claimed by two threads");
+        assert_eq!(cm.max_ts(), 5999);
     }
 
     #[test]

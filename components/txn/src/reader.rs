@@ -14,7 +14,7 @@ use atoll_engine::{EngineIterator, IterOptions, Snapshot, CF_DEFAULT, CF_LOCK, C
 use atoll_keys::{append_ts, data_key, decode_data_key, split_ts};
 
 use crate::errors::{Error, Result};
-use crate::types::{default_key, lock_key, KeyMeta, Lock, LockType, Write, WriteType};
+use crate::types::{default_key, lock_key, write_key, KeyMeta, Lock, LockType, Write, WriteType};
 
 /// How many `next()` calls to try before falling back to a `seek()` when skipping versions.
 const SEEK_BOUND: usize = 8;
@@ -90,6 +90,12 @@ fn past_versions(encoded: &[u8]) -> Vec<u8> {
 
 fn user_key_of(encoded: &[u8]) -> Result<Vec<u8>> {
     Ok(decode_data_key(encoded)?.0)
+}
+
+/// The user key and commit timestamp of a key of the write column family.
+pub fn decode_write_key(raw: &[u8]) -> Result<(Vec<u8>, u64)> {
+    let (encoded, commit_ts) = split_ts(raw)?;
+    Ok((user_key_of(encoded)?, commit_ts))
 }
 
 /// A live key at a timestamp: user key, value, and its version's metadata.
@@ -363,6 +369,50 @@ impl<S: Snapshot> MvccReader<S> {
         } else {
             scanner.forward(&lower, visit)
         }
+    }
+
+    /// Every data change (`Put` or `Delete` record) in `[start, end)` (empty `end` =
+    /// unbounded) committed in `(from_ts, to_ts]`, as `(user_key, commit_ts, record)` in key
+    /// order, newest first per key: the history a change feed replays. Reads every version
+    /// of the range (a change feed's catch-up, not a hot path); locks are not checked.
+    pub fn scan_changes(
+        &self,
+        start: &[u8],
+        end: &[u8],
+        from_ts: u64,
+        to_ts: u64,
+    ) -> Result<Vec<(Vec<u8>, u64, Write)>> {
+        let lower = data_key(start);
+        let upper = atoll_keys::data_end_bound(end);
+        if upper <= lower || to_ts <= from_ts {
+            return Ok(Vec::new());
+        }
+        let mut it = self
+            .snapshot
+            .iterator_cf(CF_WRITE, IterOptions::new(Some(lower.clone()), Some(upper)))?;
+        let mut valid = it.seek(&lower)?;
+        let mut out = Vec::new();
+        while valid {
+            let (encoded, commit_ts) = split_ts(it.key())?;
+            if commit_ts > from_ts && commit_ts <= to_ts {
+                let write = Write::decode(it.value())?;
+                if write.is_data_change() {
+                    out.push((user_key_of(encoded)?, commit_ts, write));
+                }
+            }
+            valid = it.next()?;
+        }
+        Ok(out)
+    }
+
+    /// The data record (`Put` or `Delete`) of `user_key` committed exactly at `commit_ts`.
+    pub fn data_write_at(&self, user_key: &[u8], commit_ts: u64) -> Result<Option<Write>> {
+        Ok(self
+            .snapshot
+            .get_value_cf(CF_WRITE, &write_key(user_key, commit_ts))?
+            .map(|v| Write::decode(&v))
+            .transpose()?
+            .filter(Write::is_data_change))
     }
 
     /// Locks in `[start, end)` (empty `end` = unbounded) with `start_ts <= max_ts`, in key order,

@@ -6,6 +6,7 @@ use crate::batch::PollHandler;
 use crate::fsm::apply::{ApplyFsm, ApplyMsg};
 use crate::fsm::context::StoreContext;
 use crate::msg::{ApplyRes, PeerMsg, WriteCallback, WriteResponse};
+use crate::observer::ObservedWrite;
 use crate::{Error, Result};
 use atoll_engine::{KvEngine, WriteBatch};
 use std::collections::VecDeque;
@@ -19,6 +20,8 @@ pub struct ApplyPoller<E: KvEngine> {
     results: Vec<(u64, ApplyRes)>,
     destroyed: Vec<u64>,
     pub(crate) entries: u64,
+    /// Writes to the `write` cf of observed regions staged in `wb` (see [`crate::observer`]).
+    pub(crate) observed: Vec<ObservedWrite>,
 }
 
 impl<E: KvEngine> ApplyPoller<E> {
@@ -31,17 +34,28 @@ impl<E: KvEngine> ApplyPoller<E> {
             results: vec![],
             destroyed: vec![],
             entries: 0,
+            observed: vec![],
         }
     }
 
     /// Writes what is staged (unsynced) and answers the callbacks it covers.
     pub(crate) fn flush(&mut self) {
+        let observer = (!self.observed.is_empty())
+            .then(|| self.ctx.observer.get())
+            .flatten();
+        if let Some(o) = observer {
+            o.before_write(&self.observed);
+        }
         if !self.wb.is_empty() {
             let wb = std::mem::replace(&mut self.wb, self.ctx.engine.write_batch());
             if let Err(e) = self.ctx.engine.write(wb, false) {
                 panic!("store {}: failed to apply: {e}", self.ctx.store_id);
             }
         }
+        if let Some(o) = observer {
+            o.after_write(&self.observed);
+        }
+        self.observed.clear();
         for (cb, r) in self.pending_cbs.drain(..) {
             cb(r);
         }
@@ -76,10 +90,16 @@ impl<E: KvEngine> PollHandler<ApplyFsm<E>> for ApplyPoller<E> {
                     fsm.region = region;
                     fsm.apply_state = apply_state;
                     fsm.dirty = false;
+                    if let Some(o) = self.ctx.observer.get() {
+                        o.reset(fsm.region_id);
+                    }
                 }
                 ApplyMsg::GenSnapshot { request } => fsm.gen_snapshot(self, request),
                 ApplyMsg::Destroy => {
                     fsm.stopped = true;
+                    if let Some(o) = self.ctx.observer.get() {
+                        o.reset(fsm.region_id);
+                    }
                     for (_, _, cb) in fsm.cbs.drain(..) {
                         self.pending_cbs
                             .push((cb, Err(Error::RegionNotFound(fsm.region_id))));

@@ -10,6 +10,7 @@ use crate::liveness::{StoreLiveness, Transition};
 use crate::meta::StoreMeta;
 use crate::metrics::StoreMetrics;
 use crate::msg::{PeerMsg, StoreMsg};
+use crate::observer::ApplyObserver;
 use crate::snap::SnapManager;
 use crate::task::{PdTask, RegionTask, SplitCheckMsg};
 use crate::transport::Transport;
@@ -50,6 +51,9 @@ pub struct StoreContext<E: KvEngine> {
     /// Bytes of committed entries handed to the apply side and not applied yet, store-wide
     /// (bounded by `apply-pending-memory-limit`; see `Peer::apply_budget`).
     pub apply_pending_bytes: AtomicU64,
+    /// Told about applied writes to the `write` column family (set once, by the storage
+    /// layer's change log; see [`crate::observer`]).
+    pub observer: std::sync::OnceLock<Arc<dyn ApplyObserver>>,
 }
 
 /// The receiving ends of a store context's queues (the store's threads own them).
@@ -105,6 +109,7 @@ impl<E: KvEngine> StoreContext<E> {
             started_at: Instant::now(),
             liveness: StoreLiveness::new(cfg.store_liveness_timeout.0),
             apply_pending_bytes: AtomicU64::new(0),
+            observer: std::sync::OnceLock::new(),
         });
         let receivers = StoreReceivers {
             store_rx,

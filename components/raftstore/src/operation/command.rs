@@ -7,6 +7,7 @@ use crate::fsm::apply::ApplyFsm;
 use crate::fsm::apply_poller::ApplyPoller;
 use crate::fsm::context::StoreContext;
 use crate::msg::{WriteCallback, WriteResponse};
+use crate::observer::ObservedWrite;
 use crate::operation::split;
 use crate::raft::peer::{Peer, Proposal};
 use crate::raft::storage;
@@ -279,11 +280,23 @@ impl<E: KvEngine> ApplyFsm<E> {
                 }
             }
         }
+        let observed = ctx
+            .ctx
+            .observer
+            .get()
+            .is_some_and(|o| o.observes(self.region_id));
         for r in cmd.requests {
             match CmdType::try_from(r.cmd_type) {
                 Ok(CmdType::Put) => {
                     let p = r.put.expect("checked");
                     ctx.wb.put_cf(&p.cf, &p.key, &p.value)?;
+                    if observed && p.cf == atoll_engine::CF_WRITE {
+                        ctx.observed.push(ObservedWrite {
+                            region_id: self.region_id,
+                            key: p.key.clone(),
+                            value: p.value.clone(),
+                        });
+                    }
                     self.written_bytes += (p.key.len() + p.value.len()) as u64;
                     self.written_keys += 1;
                 }
