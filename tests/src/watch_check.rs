@@ -815,8 +815,9 @@ pub fn check(h: &History) -> Report {
                                 Kind::Ordered,
                                 name,
                                 format!(
-                                    "{at}: progress notification at {p}, below revision {ls} \
-                                     already seen"
+                                    "{at}: progress notification at {p}{}, below revision {ls} \
+                                     already seen (a client resuming from it gets duplicates)",
+                                    if p == 0 { " (no revision)" } else { "" }
                                 ),
                             ));
                         }

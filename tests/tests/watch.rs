@@ -853,3 +853,106 @@ fn watch_below_compaction_is_canceled() {
         assert_eq!(r.count(Kind::Compaction), 0);
     });
 }
+
+/// etcd's client (clientv3) resumes a watch at `header.revision + 1` of the last response
+/// without events, so a progress notification must never carry a revision below an event the
+/// stream already sent (the client would get those events again after a reconnect), nor a
+/// revision of 0. Two writers put under a prefix of two regions while the stream asks for
+/// progress every 20 ms; then PD is killed and progress is asked once more: no answer, or one
+/// at or above what was sent; PD restarted, progress reaches every acknowledged revision.
+#[test]
+fn progress_notifications_never_go_below_events_sent() {
+    let _g = SERIAL.lock();
+    let mut c = start();
+    must_split(&c, &["wq/m"]);
+    let nodes = nodes(&c);
+    let rt = runtime();
+    let (history_start, writes, mut s) = rt.block_on(async {
+        let history_start = etcd_watch::current_revision(&nodes[0], b"wq/")
+            .await
+            .expect("range");
+        let mut s = Stream::open(&nodes[0]).await;
+        s.create(create("wq/", &prefix_end(b"wq/"), history_start + 1));
+        s.until("created", Duration::from_secs(10), |rs| !rs.is_empty())
+            .await;
+        let mut tasks = vec![];
+        for id in 0..2usize {
+            let addr = nodes[(id + 1) % nodes.len()].clone();
+            tasks.push(tokio::spawn(async move {
+                let mut kv = etcd_watch::kv_client(&addr);
+                let mut out = vec![];
+                for n in 0..150 {
+                    let key = format!("wq/{}{:02}", ["a", "z"][n % 2], n % 10);
+                    out.push(
+                        must_write(&mut kv, vec![WriteOp::put(key, format!("q{id}-{n}"))]).await,
+                    );
+                }
+                out
+            }));
+        }
+        let all_done = async {
+            let mut w = vec![];
+            for t in tasks {
+                w.extend(t.await.unwrap());
+            }
+            w
+        };
+        tokio::pin!(all_done);
+        let mut tick = tokio::time::interval(Duration::from_millis(20));
+        let writes = loop {
+            tokio::select! {
+                w = &mut all_done => break w,
+                _ = tick.tick() => s.send(progress_request()),
+                m = s.rx.message() => match m {
+                    Ok(Some(r)) => s.got.push(r),
+                    other => panic!("watch stream: {other:?}"),
+                },
+            }
+        };
+        (history_start, writes, s)
+    });
+    let top = writes.iter().map(acked_rev).max().unwrap();
+    rt.block_on(s.progress_to(top, Duration::from_secs(30)));
+    let id = s.got[0].watch_id;
+
+    // PD down: a progress request must not be answered at revision 0 (nor below what was
+    // sent: the checker below). Whatever arrives within 8 s is kept.
+    c.pds[0].proc_.kill();
+    s.send(progress_request());
+    let during = s.got.len();
+    rt.block_on(async {
+        while let Ok(m) = tokio::time::timeout(Duration::from_secs(8), s.rx.message()).await {
+            s.got.push(m.expect("stream").expect("stream open"));
+        }
+    });
+    let zero: Vec<WatchResponse> = s.got[during..]
+        .iter()
+        .filter(|r| is_progress(r) && header(r) == 0)
+        .cloned()
+        .collect();
+    c.pds[0].proc_.start();
+    c.wait_ready(Duration::from_secs(60));
+    rt.block_on(s.progress_to(top, Duration::from_secs(60)));
+
+    let mut log = WatcherLog {
+        name: "progress-20ms".into(),
+        key: b"wq/".to_vec(),
+        range_end: prefix_end(b"wq/"),
+        ..Default::default()
+    };
+    log.incarnations
+        .push(s.incarnation(id, history_start + 1, &nodes[0]));
+    let r = watch_check::check(&History {
+        history_start,
+        writes,
+        watchers: vec![log],
+    });
+    eprintln!("{r}");
+    let progress = s.got.iter().filter(|r| is_progress(r)).count();
+    assert!(progress >= 10, "only {progress} progress notifications");
+    assert!(
+        zero.is_empty(),
+        "with PD down, a progress request was answered at revision 0: {zero:?}"
+    );
+    assert!(r.is_ok(), "watch violations:\n{r}");
+}
