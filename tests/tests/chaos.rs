@@ -701,6 +701,46 @@ fn run_chaos(o: ChaosOpts) -> ChaosResult {
     }
 }
 
+/// For a stall: the regions as PD sees them (`regions.json` in the kept directory), and a
+/// count-only Range of every watched range through every store (a read at a fresh revision,
+/// which meets, and resolves, any lock left in the range), timed.
+fn stall_diagnostics(rt: &tokio::runtime::Runtime, c: &ProcCluster, watchers: &[WatcherLog]) {
+    let out = c.kvctl(&["--output", "json", "--timeout", "5", "regions"]);
+    let _ = std::fs::write(c.path().join("regions.json"), &out.stdout);
+    // All probes at once, each bounded by 10 s.
+    let probes = watchers.iter().flat_map(|w| {
+        c.stores.iter().map(move |s| {
+            let (name, addr) = (w.name.clone(), s.addr.clone());
+            let req = atoll_proto::etcdserverpb::RangeRequest {
+                key: w.key.clone(),
+                range_end: w.range_end.clone(),
+                count_only: true,
+                ..Default::default()
+            };
+            async move {
+                let t = Instant::now();
+                let mut kv = etcd_watch::kv_client(&addr);
+                let r = match tokio::time::timeout(Duration::from_secs(10), kv.range(req)).await {
+                    Ok(Ok(r)) => {
+                        let r = r.into_inner();
+                        let rev = r.header.map_or(0, |h| h.revision);
+                        format!("{} keys at {rev}", r.count)
+                    }
+                    Ok(Err(e)) => format!("error {e}"),
+                    Err(_) => "no answer in 10 s".into(),
+                };
+                format!(
+                    "watch stall: Range of {name}'s range through {addr}: {r} in {:?}",
+                    t.elapsed()
+                )
+            }
+        })
+    });
+    for line in rt.block_on(futures::future::join_all(probes)) {
+        eprintln!("{line}");
+    }
+}
+
 /// After the faults healed and the writers stopped: every watcher catches up to the largest
 /// acknowledged revision (progress requests until a progress notification reaches it), then
 /// the watch checker runs over everything recorded.
@@ -755,6 +795,9 @@ fn finish_watch(
     eprintln!("watch checker: {:?}\n{report}", t.elapsed());
     for s in &stalled {
         eprintln!("watch: stalled watcher {s}");
+    }
+    if !stalled.is_empty() {
+        stall_diagnostics(rt, c, &history.watchers);
     }
     if !report.is_ok() || !stalled.is_empty() {
         let dump = c.path().join("watch_history.json");
