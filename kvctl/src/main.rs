@@ -4,6 +4,7 @@
 mod bench;
 mod playground;
 mod watch;
+mod watch_bench;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -103,6 +104,8 @@ enum Cmd {
     },
     /// Follow changes of KEY (or, with --prefix, of every key under it): one line per event.
     Watch(watch::WatchArgs),
+    /// Watchers and writers through etcd's API (Atoll's or an etcd cluster's); one JSON line.
+    WatchBench(watch_bench::WatchBenchArgs),
     /// Load generator; prints one JSON line.
     Bench(bench::BenchArgs),
     /// A local PD and N storage nodes in this process, until Ctrl-C.
@@ -167,6 +170,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let out = cli.output;
     match &cli.cmd {
         Cmd::Playground(a) => return playground::run(a.clone()).await,
+        Cmd::WatchBench(a) => {
+            println!("{}", watch_bench::run(a.clone()).await?);
+            return Ok(());
+        }
         Cmd::Bench(a) => {
             let c = client(&cli).await?;
             let line = bench::run(c, a.clone()).await?;
@@ -456,7 +463,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 json!({"ok": true, "ops": n, "commit_ts": commit_ts}),
             );
         }
-        Cmd::Bench(_) | Cmd::Playground(_) => unreachable!("handled above"),
+        Cmd::Bench(_) | Cmd::Playground(_) | Cmd::WatchBench(_) => unreachable!("handled above"),
     }
     Ok(())
 }
