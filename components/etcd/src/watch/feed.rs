@@ -147,9 +147,9 @@ impl Feed {
         });
     }
 
-    /// The batches above `cursor`, up to `max_bytes` of them (at least one), and the
-    /// revision they are complete up to.
-    pub fn read_after(&self, cursor: u64, max_bytes: usize) -> Read {
+    /// The batches above `cursor` and at or below `cap`, up to `max_bytes` of them (at least
+    /// one), and the revision they are complete up to.
+    pub fn read_after(&self, cursor: u64, max_bytes: usize, cap: u64) -> Read {
         let h = self.history.lock();
         if let Some(e) = &h.error {
             return Read::Failed(e.clone());
@@ -160,8 +160,11 @@ impl Feed {
         let first = h.batches.partition_point(|b| b.revision <= cursor);
         let mut out = Vec::new();
         let mut bytes = 0;
-        let mut upto = h.released;
+        let mut upto = h.released.min(cap);
         for b in h.batches.range(first..) {
+            if b.revision > cap {
+                break;
+            }
             if !out.is_empty() && bytes + b.bytes > max_bytes {
                 upto = out.last().map_or(cursor, |b: &Batch| b.revision);
                 break;

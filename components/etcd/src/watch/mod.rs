@@ -149,10 +149,17 @@ pub fn watch_range(key: &[u8], range_end: &[u8]) -> (Vec<u8>, Vec<u8>) {
     }
 }
 
-/// A request to one watcher from its stream.
+/// A request to one watcher from its stream: a progress request runs Freeze on every watcher
+/// of the stream, then Advance to the largest revision any of them reached (or a fresh one),
+/// answers, then Thaw. So the answer's revision is at or above every event sent before it,
+/// and every event at or below it was sent before it.
 enum Ctl {
-    /// Reply once everything up to this revision has been sent.
-    Progress(u64, oneshot::Sender<()>),
+    /// Send nothing more until told; reply with the cursor.
+    Freeze(oneshot::Sender<u64>),
+    /// Send everything up to this revision (nothing above it), then reply.
+    Advance(u64, oneshot::Sender<()>),
+    /// Go on.
+    Thaw,
 }
 
 struct Watcher {
@@ -170,7 +177,16 @@ struct Watcher {
 
 enum Source {
     Shared,
-    Private(Arc<Feed>),
+    Private(PrivateFeed),
+}
+
+/// A watcher's own catch-up feed, stopped when the watcher lets go of it.
+struct PrivateFeed(Arc<Feed>);
+
+impl Drop for PrivateFeed {
+    fn drop(&mut self) {
+        self.0.stop();
+    }
 }
 
 impl Watcher {
@@ -230,16 +246,24 @@ impl Watcher {
         } else {
             Source::Shared
         };
-        let mut waiting: Vec<(u64, oneshot::Sender<()>)> = vec![];
+        // While a progress request runs: the revision not to send past, and who waits for
+        // the cursor to reach it.
+        let mut cap = u64::MAX;
+        let mut waiting: Option<oneshot::Sender<()>> = None;
         let mut last_sent = Instant::now();
         loop {
+            if cursor >= cap {
+                if let Some(tx) = waiting.take() {
+                    let _ = tx.send(());
+                }
+            }
             let feed = match &source {
                 Source::Shared => shared.feed.clone(),
-                Source::Private(f) => f.clone(),
+                Source::Private(f) => f.0.clone(),
             };
             let mut changed = feed.subscribe();
             changed.borrow_and_update();
-            match feed.read_after(cursor, RESPONSE_BYTES) {
+            match feed.read_after(cursor, RESPONSE_BYTES, cap) {
                 Read::Failed(FeedError::Compacted(c)) => {
                     let mut r = self.response(c);
                     r.compact_revision = c as i64;
@@ -268,20 +292,8 @@ impl Watcher {
                     }
                     cursor = upto;
                     feed.consumed(cursor);
-                    if let Source::Private(p) = &source {
-                        if cursor >= shared.feed.floor() {
-                            p.stop();
-                            source = Source::Shared;
-                        }
-                    }
-                    let mut i = 0;
-                    while i < waiting.len() {
-                        if waiting[i].0 <= cursor {
-                            let (_, tx) = waiting.swap_remove(i);
-                            let _ = tx.send(());
-                        } else {
-                            i += 1;
-                        }
+                    if matches!(source, Source::Private(_)) && cursor >= shared.feed.floor() {
+                        source = Source::Shared;
                     }
                     continue;
                 }
@@ -291,20 +303,17 @@ impl Watcher {
             tokio::select! {
                 _ = changed.changed() => {}
                 c = ctl.recv() => match c {
-                    Some(Ctl::Progress(rev, tx)) => {
-                        if rev <= cursor {
-                            let _ = tx.send(());
-                        } else {
-                            feed.want(rev);
-                            waiting.push((rev, tx));
-                        }
+                    Some(Ctl::Freeze(tx)) => {
+                        cap = cursor;
+                        let _ = tx.send(cursor);
                     }
-                    None => {
-                        if let Source::Private(p) = &source {
-                            p.stop();
-                        }
-                        return;
+                    Some(Ctl::Advance(rev, tx)) => {
+                        cap = rev.max(cursor);
+                        feed.want(cap);
+                        waiting = Some(tx);
                     }
+                    Some(Ctl::Thaw) => cap = u64::MAX,
+                    None => return,
                 },
                 _ = tokio::time::sleep(notify_in), if self.progress_notify => {
                     if self.out.send(Ok(self.response(cursor))).await.is_err() {
@@ -312,18 +321,13 @@ impl Watcher {
                     }
                     last_sent = Instant::now();
                 }
-                _ = self.out.closed() => {
-                    if let Source::Private(p) = &source {
-                        p.stop();
-                    }
-                    return;
-                }
+                _ = self.out.closed() => return,
             }
         }
     }
 
-    fn private_from(&self, cursor: u64) -> Arc<Feed> {
-        Feed::start(
+    fn private_from(&self, cursor: u64) -> PrivateFeed {
+        PrivateFeed(Feed::start(
             self.hub.ctx.client.clone(),
             self.start.clone(),
             self.end.clone(),
@@ -331,7 +335,7 @@ impl Watcher {
             cursor,
             false,
             PRIVATE_HISTORY_BYTES,
-        )
+        ))
     }
 }
 
@@ -358,6 +362,8 @@ struct StreamState {
     out: mpsc::Sender<Result<WatchResponse, Status>>,
     watchers: HashMap<i64, (mpsc::Sender<Ctl>, tokio::task::JoinHandle<()>)>,
     next_id: i64,
+    /// Progress requests of the stream run one at a time.
+    progress: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl StreamState {
@@ -462,27 +468,48 @@ impl StreamState {
         self.out.send(Ok(r)).await.is_ok()
     }
 
-    /// etcd's progress request: answered (watch id -1) at a fresh revision once every
-    /// watcher of the stream has sent everything up to it.
+    /// etcd's progress request: answered (watch id -1) at a revision `R` at or above a fresh
+    /// one and above every event already sent on the stream, once every watcher of the stream
+    /// has sent all its events up to `R` (see [`Ctl`]). One at a time per stream.
     async fn progress(&mut self) {
         let now = self.fresh_revision().await;
         self.watchers.retain(|_, (_, task)| !task.is_finished());
         let ctls: Vec<mpsc::Sender<Ctl>> = self.watchers.values().map(|(c, _)| c.clone()).collect();
-        let out = self.out.clone();
-        let mut r = self.header(now);
-        r.watch_id = INVALID_WATCH_ID;
+        let (out, hub, lock) = (self.out.clone(), self.hub.clone(), self.progress.clone());
         tokio::spawn(async move {
-            let mut acks = vec![];
+            let _one = lock.lock().await;
+            let mut revision = now;
+            let mut live = vec![];
             for ctl in ctls {
                 let (tx, rx) = oneshot::channel();
-                if ctl.send(Ctl::Progress(now, tx)).await.is_ok() {
+                if ctl.send(Ctl::Freeze(tx)).await.is_ok() {
+                    if let Ok(cursor) = rx.await {
+                        revision = revision.max(cursor);
+                        live.push(ctl);
+                    }
+                }
+            }
+            let mut acks = vec![];
+            for ctl in &live {
+                let (tx, rx) = oneshot::channel();
+                if ctl.send(Ctl::Advance(revision, tx)).await.is_ok() {
                     acks.push(rx);
                 }
             }
             for a in acks {
                 let _ = a.await;
             }
-            let _ = out.send(Ok(r)).await;
+            if revision > 0 {
+                let r = WatchResponse {
+                    header: Some(hub.ctx.header(revision as i64)),
+                    watch_id: INVALID_WATCH_ID,
+                    ..Default::default()
+                };
+                let _ = out.send(Ok(r)).await;
+            }
+            for ctl in &live {
+                let _ = ctl.send(Ctl::Thaw).await;
+            }
         });
     }
 }
@@ -508,6 +535,7 @@ impl WatchService {
             out: tx,
             watchers: HashMap::new(),
             next_id: 0,
+            progress: Arc::new(tokio::sync::Mutex::new(())),
         };
         tokio::spawn(async move {
             while let Some(Ok(req)) = inbound.next().await {
