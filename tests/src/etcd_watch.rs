@@ -386,3 +386,68 @@ async fn incarnation(
         }
     }
 }
+
+/// The transaction locks in `[start, end)`, read from each region's leader as PD names it
+/// (`stores`: store id and address), with the leader's store id.
+pub async fn store_locks(
+    cl: &atoll_client::Client,
+    stores: &[(u64, String)],
+    start: &[u8],
+    end: &[u8],
+) -> Result<Vec<(u64, atoll_proto::kvrpcpb::LockInfo)>, String> {
+    use atoll_proto::kvrpcpb;
+    let regions = cl
+        .pd()
+        .scan_regions(start, end, 0)
+        .await
+        .map_err(|e| format!("regions from PD: {e}"))?;
+    let mut out = vec![];
+    for r in &regions {
+        let g = &r.region;
+        let leader = r
+            .leader
+            .ok_or_else(|| format!("region {}: no leader known", g.id))?;
+        let (_, addr) = stores
+            .iter()
+            .find(|(id, _)| *id == leader.store_id)
+            .ok_or_else(|| format!("region {}: leader on unknown store", g.id))?;
+        let mut kv = kvrpcpb::kv_client::KvClient::new(channel(addr));
+        let req = kvrpcpb::ScanLockRequest {
+            context: Some(kvrpcpb::Context {
+                region_id: g.id,
+                region_epoch: g.region_epoch,
+                peer: Some(leader),
+                ..Default::default()
+            }),
+            max_version: u64::MAX,
+            start_key: g.start_key.clone(),
+            end_key: g.end_key.clone(),
+            limit: 0,
+        };
+        let resp = tokio::time::timeout(Duration::from_secs(5), kv.kv_scan_lock(req))
+            .await
+            .map_err(|_| format!("region {}: no answer", g.id))?
+            .map_err(|e| format!("region {}: {e}", g.id))?
+            .into_inner();
+        if let Some(e) = resp.region_error {
+            return Err(format!("region {}: {e:?}", g.id));
+        }
+        if let Some(e) = resp.error {
+            return Err(format!("region {}: {e:?}", g.id));
+        }
+        out.extend(resp.locks.into_iter().map(|l| (leader.store_id, l)));
+    }
+    Ok(out)
+}
+
+/// One line for a lock.
+pub fn show_lock(store_id: u64, l: &atoll_proto::kvrpcpb::LockInfo) -> String {
+    format!(
+        "store {store_id}: lock on {} (primary {}, start_ts {}, ttl {} ms, min_commit_ts {})",
+        String::from_utf8_lossy(&l.key),
+        String::from_utf8_lossy(&l.primary_lock),
+        l.lock_version,
+        l.lock_ttl,
+        l.min_commit_ts
+    )
+}

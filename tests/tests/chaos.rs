@@ -747,66 +747,23 @@ fn stall_diagnostics(rt: &tokio::runtime::Runtime, c: &ProcCluster, watchers: &[
     }
 }
 
-/// The transaction locks every store's own peers hold under `watch/` (a local scan of each
-/// region's copy on that store), one line each.
+/// The transaction locks under `watch/` (each region's leader asked), one line each.
 async fn watch_locks(c: &ProcCluster) -> Vec<String> {
-    use atoll_proto::kvrpcpb;
     let pd = atoll_pd_client::rpc::parse_endpoints(&c.pd_endpoints());
     let Ok(cl) = Client::connect(ClientConfig::new(pd)).await else {
         return vec!["no client".into()];
     };
-    let Ok(regions) = cl.pd().scan_regions(b"watch/", b"watch0", 0).await else {
-        return vec!["no regions from PD".into()];
-    };
-    let mut out = vec![];
-    for (i, s) in c.stores.iter().enumerate() {
-        let Some(store_id) = c.store_id_of(i) else {
-            continue;
-        };
-        let mut kv = kvrpcpb::kv_client::KvClient::new(etcd_watch::channel(&s.addr));
-        for r in &regions {
-            let g = &r.region;
-            let Some(peer) = g.peers.iter().find(|p| p.store_id == store_id).copied() else {
-                continue;
-            };
-            let req = kvrpcpb::ScanLockRequest {
-                context: Some(kvrpcpb::Context {
-                    region_id: g.id,
-                    region_epoch: g.region_epoch,
-                    peer: Some(peer),
-                    unsafe_local_read: true,
-                    ..Default::default()
-                }),
-                max_version: u64::MAX,
-                start_key: g.start_key.clone(),
-                end_key: g.end_key.clone(),
-                limit: 0,
-            };
-            match tokio::time::timeout(Duration::from_secs(5), kv.kv_scan_lock(req)).await {
-                Ok(Ok(resp)) => {
-                    for l in resp.into_inner().locks {
-                        out.push(format!(
-                            "store {store_id} region {}: lock on {} (primary {}, start_ts {}, \
-                             ttl {} ms, min_commit_ts {}, type {})",
-                            g.id,
-                            String::from_utf8_lossy(&l.key),
-                            String::from_utf8_lossy(&l.primary_lock),
-                            l.lock_version,
-                            l.lock_ttl,
-                            l.min_commit_ts,
-                            l.lock_type
-                        ));
-                    }
-                }
-                Ok(Err(e)) => out.push(format!("store {store_id} region {}: {e}", g.id)),
-                Err(_) => out.push(format!("store {store_id} region {}: no answer", g.id)),
-            }
-        }
+    let stores: Vec<(u64, String)> = (0..c.stores.len())
+        .filter_map(|i| Some((c.store_id_of(i)?, c.stores[i].addr.clone())))
+        .collect();
+    match etcd_watch::store_locks(&cl, &stores, b"watch/", b"watch0").await {
+        Ok(locks) if locks.is_empty() => vec!["no locks under watch/".into()],
+        Ok(locks) => locks
+            .iter()
+            .map(|(s, l)| etcd_watch::show_lock(*s, l))
+            .collect(),
+        Err(e) => vec![e],
     }
-    if out.is_empty() {
-        out.push("no locks under watch/ on any store".into());
-    }
-    out
 }
 
 /// After the faults healed and the writers stopped: every watcher catches up to the largest

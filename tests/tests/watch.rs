@@ -12,6 +12,11 @@
 //!   (watch id -1, at or above every acknowledged revision).
 //! - `watch_below_compaction_is_canceled`: a start revision below the compaction point is
 //!   created, then canceled with `compact_revision`; at the compaction point it works.
+//! - `progress_notifications_never_go_below_events_sent`: progress requested every 20 ms
+//!   during writes, then with PD down: never below an event already sent, never revision 0.
+//! - `orphaned_txn_locks_do_not_hold_a_watch_back`: a multi-region txn abandoned by its client
+//!   leaves locks; a watch of one of their regions goes on past them, a put to a locked key
+//!   succeeds.
 
 use atoll_proto::etcdserverpb::kv_client::KvClient;
 use atoll_proto::etcdserverpb::watch_client::WatchClient;
@@ -955,4 +960,158 @@ fn progress_notifications_never_go_below_events_sent() {
         "with PD down, a progress request was answered at revision 0: {zero:?}"
     );
     assert!(r.is_ok(), "watch violations:\n{r}");
+}
+
+/// The store leading the region `key` is in, by index into `c.stores` (PD's view).
+fn leader_of(c: &ProcCluster, key: &str) -> Option<usize> {
+    let v = c.kvctl_json(&["regions"]);
+    let id = v["regions"].as_array()?.iter().find_map(|r| {
+        let (s, e) = (r["start_key"].as_str()?, r["end_key"].as_str()?);
+        let inside = s <= key && (e.is_empty() || key < e);
+        inside.then(|| r["leader"]["store_id"].as_u64()).flatten()
+    })?;
+    c.store_index_of(id)
+}
+
+/// A multi-region etcd txn whose client gives up while one of its regions is slow to prewrite
+/// (the `txn::prewrite` failpoint sleeps on the store leading it) leaves prewrite locks in the
+/// other regions. They are orphans:
+/// once their TTL has run out (3 s) readers and writers resolve them, and a watch over one of
+/// those regions must go on past them. Checked: after that, a put in the locked region
+/// is delivered to a watch created before the txn, the watch's progress reaches its revision,
+/// and a put to the locked key itself succeeds.
+#[test]
+fn orphaned_txn_locks_do_not_hold_a_watch_back() {
+    let _g = SERIAL.lock();
+    let c = start();
+    let keys: Vec<String> = (0..10).map(|i| format!("wo/k{i}")).collect();
+    let split: Vec<&str> = keys.iter().map(String::as_str).collect();
+    must_split(&c, &split);
+    let nodes = nodes(&c);
+    // Three keys in three regions: two led by stores other than `frozen` (the slow one), one
+    // led by it.
+    let mut setup = None;
+    let found = atoll_tests::wait_until(Duration::from_secs(60), || {
+        let leaders: Vec<Option<usize>> = keys.iter().map(|k| leader_of(&c, k)).collect();
+        for s in 0..c.stores.len() {
+            let on: Vec<usize> = (0..keys.len()).filter(|&i| leaders[i] == Some(s)).collect();
+            let off: Vec<usize> = (0..keys.len())
+                .filter(|&i| leaders[i].is_some_and(|l| l != s))
+                .collect();
+            if let (Some(&kc), [ka, kb, ..]) = (on.first(), off.as_slice()) {
+                let coordinator = (0..c.stores.len()).find(|&x| x != s).unwrap();
+                setup = Some((
+                    s,
+                    keys[*ka].clone(),
+                    keys[*kb].clone(),
+                    keys[kc].clone(),
+                    coordinator,
+                ));
+                return true;
+            }
+        }
+        false
+    });
+    assert!(found, "no store leads some of the regions but not all");
+    let (frozen, ka, kb, kc, coordinator) = setup.unwrap();
+    eprintln!("txn over {ka}, {kb}, {kc}; slow store {frozen}, coordinator {coordinator}");
+    let rt = runtime();
+    let history_start = rt
+        .block_on(etcd_watch::current_revision(&nodes[coordinator], b"wo/"))
+        .expect("range");
+    let mut s = rt.block_on(Stream::open(&nodes[coordinator]));
+    s.create(create(&kb, &prefix_end(kb.as_bytes()), history_start + 1));
+    rt.block_on(s.until("created", Duration::from_secs(10), |rs| !rs.is_empty()));
+
+    // The txn, abandoned by its client while the store leading kc's region takes 3 s over
+    // each prewrite (the others prewrite at once).
+    let status = c.stores[frozen].status_addr.clone();
+    atoll_tests::procs::set_failpoint(&status, "txn::prewrite", "sleep(3000)");
+    let txn = rt.block_on(async {
+        let mut kv = etcd_watch::kv_client(&nodes[coordinator]);
+        let ops = vec![
+            WriteOp::put(ka.clone(), "orphan"),
+            WriteOp::put(kb.clone(), "orphan"),
+            WriteOp::put(kc.clone(), "orphan"),
+        ];
+        etcd_watch::write(&mut kv, &ops, Duration::from_millis(800)).await
+    });
+    atoll_tests::procs::remove_failpoint(&status, "txn::prewrite");
+    assert_eq!(
+        txn.outcome,
+        WriteOutcome::Unknown,
+        "the txn was answered though a region it writes was slow: {txn:?}"
+    );
+    // The scenario needs the orphan's locks: at least one left in ka's or kb's region.
+    let pd = atoll_pd_client::rpc::parse_endpoints(&c.pd_endpoints());
+    let cl = rt
+        .block_on(atoll_client::Client::connect(
+            atoll_client::ClientConfig::new(pd),
+        ))
+        .expect("client");
+    let stores: Vec<(u64, String)> = (0..c.stores.len())
+        .map(|i| (c.store_id_of(i).expect("store id"), nodes[i].clone()))
+        .collect();
+    let locks = |when: &str| {
+        let l = rt
+            .block_on(etcd_watch::store_locks(&cl, &stores, b"wo/", b"wo0"))
+            .expect("scan locks");
+        for (st, lock) in &l {
+            eprintln!("{when}: {}", etcd_watch::show_lock(*st, lock));
+        }
+        l
+    };
+    let left = locks("after the txn was abandoned");
+    assert!(
+        left.iter()
+            .any(|(_, l)| l.key == ka.as_bytes() || l.key == kb.as_bytes()),
+        "the abandoned txn left no lock: this run tests nothing (locks: {left:?})"
+    );
+
+    // A put in kb's region, after the freeze: the watch delivers it and reaches its revision.
+    let after = format!("{kb}x");
+    let w = rt.block_on(async {
+        let mut kv = etcd_watch::kv_client(&nodes[coordinator]);
+        must_write(&mut kv, vec![WriteOp::put(after.clone(), "after")]).await
+    });
+    let r = acked_rev(&w);
+    let reached = rt.block_on(async {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            s.send(progress_request());
+            let step = tokio::time::Instant::now() + Duration::from_millis(500);
+            while let Ok(m) = tokio::time::timeout_at(step.min(deadline), s.rx.message()).await {
+                s.got.push(m.expect("stream").expect("stream open"));
+            }
+            if s.got.iter().any(|x| is_progress(x) && header(x) >= r) {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+        }
+    });
+    let delivered = s
+        .got
+        .iter()
+        .flat_map(|x| &x.events)
+        .any(|e| e.kv.as_ref().is_some_and(|kv| kv.key == after.as_bytes()));
+    // A writer of the locked key itself resolves the orphan's lock.
+    let overwrite = rt.block_on(async {
+        let mut kv = etcd_watch::kv_client(&nodes[coordinator]);
+        etcd_watch::write(
+            &mut kv,
+            &[WriteOp::put(kb.clone(), "over")],
+            Duration::from_secs(20),
+        )
+        .await
+    });
+    let still = locks("at the end");
+    let overwritten = matches!(overwrite.outcome, WriteOutcome::Acked(_));
+    assert!(
+        reached && delivered && overwritten,
+        "the abandoned txn's locks held things back: the put of {after} at {r} delivered to the \
+         watch: {delivered}, its progress reached it: {reached}; a put to {kb} succeeded within \
+         20 s: {overwritten}; locks now: {still:?}"
+    );
 }
