@@ -213,6 +213,8 @@ impl Client {
     /// one region holding `start` (the answer says where it stops), complete up to the
     /// answer's `resolved`: the leader's side of a watch (`Storage::kv_changes`). With
     /// `wait_ms`, the leader waits that long for a change before answering.
+    /// `pushed`: transactions (start_ts) whose primary the caller pushed, and the timestamp
+    /// it pushed them above (see [`lock_resolver::resolve`]).
     pub async fn region_changes(
         &self,
         start: &[u8],
@@ -220,6 +222,7 @@ impl Client {
         from: u64,
         prev_kv: bool,
         wait_ms: u32,
+        pushed: &std::collections::HashMap<u64, u64>,
     ) -> Result<RegionChanges> {
         let wait_ms = u64::from(wait_ms).min(self.cfg.rpc_timeout.as_millis() as u64 / 2) as u32;
         let deadline = self.deadline();
@@ -235,6 +238,7 @@ impl Client {
                     prev_kv,
                     wait_ms,
                     max_bytes: 0,
+                    pushed: pushed.clone(),
                 };
                 async move { c.kv_changes(req).await }
             })

@@ -274,7 +274,7 @@ impl Transaction {
                 futs.push(self.prewrite_group(&primary, ms, false, deadline));
             }
             let results = futures::future::join_all(futs).await;
-            ttl_guard.abort();
+            drop(ttl_guard);
             if let Some(e) = results.into_iter().find_map(|r| r.err()) {
                 self.rollback_keys(&keys, deadline).await;
                 return Err(e);
@@ -347,13 +347,15 @@ impl Transaction {
         Ok(Some(commit_ts))
     }
 
-    /// Heart beats on the primary while prewrites run (stops when dropped).
-    fn keep_alive(&self, primary: &[u8]) -> tokio::task::JoinHandle<()> {
+    /// Heart beats on the primary while prewrites run; they stop when the guard is dropped,
+    /// also when the caller gives up (its future is dropped mid-prewrite): an abandoned
+    /// transaction's locks must expire, or they hold back readers and watches for ever.
+    fn keep_alive(&self, primary: &[u8]) -> AbortOnDrop {
         let client = self.client.clone();
         let primary = primary.to_vec();
         let start_ts = self.start_ts;
         let ttl = self.opts.lock_ttl_ms;
-        tokio::spawn(async move {
+        AbortOnDrop(tokio::spawn(async move {
             let mut n = 1u64;
             loop {
                 tokio::time::sleep(Duration::from_millis(ttl / 2)).await;
@@ -371,7 +373,7 @@ impl Transaction {
                     })
                     .await;
             }
-        })
+        }))
     }
 
     /// Prewrites the mutations of one region (splitting further if the region moved).
@@ -576,5 +578,14 @@ impl Drop for Transaction {
                 "transaction dropped with pessimistic locks; they expire after their TTL"
             );
         }
+    }
+}
+
+/// A task aborted when this is dropped (a `JoinHandle` dropped lets its task run on).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }

@@ -352,10 +352,15 @@ impl<E: KvEngine> Storage<E> {
         let mut resolved = ts;
         let mut oldest_lock = None;
         for (key, lock) in reader.scan_locks(&start, &end, ts, 0)? {
-            if lock.min_commit_ts > ts {
+            // The transaction cannot commit below this (its primary may have been pushed by
+            // the caller as a reader would: the secondary's own record is not).
+            let min_commit = lock
+                .min_commit_ts
+                .max(req.pushed.get(&lock.start_ts).map_or(0, |p| p + 1));
+            if min_commit > ts {
                 continue; // cannot commit at or below ts
             }
-            let bound = lock.start_ts.max(lock.min_commit_ts.saturating_sub(1));
+            let bound = lock.start_ts.max(min_commit.saturating_sub(1));
             if bound < resolved {
                 resolved = bound;
                 oldest_lock = Some(lock.into_lock_info(key));

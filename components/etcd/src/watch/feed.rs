@@ -18,7 +18,7 @@ use atoll_proto::mvccpb::Event;
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
 use parking_lot::Mutex;
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -30,6 +30,8 @@ const LONG_POLL_MS: u32 = 1000;
 const RETRY_AFTER: Duration = Duration::from_millis(200);
 /// A lock that holds a segment back this long is resolved as a reader would.
 const LOCK_PATIENCE: Duration = Duration::from_millis(500);
+/// How long a push of a transaction is remembered (it is renewed while the lock is met).
+const PUSHED_KEPT: Duration = Duration::from_secs(60);
 
 /// The events of one revision, released together.
 #[derive(Clone, Debug)]
@@ -286,6 +288,8 @@ async fn drive(feed: Arc<Feed>, client: Arc<Client>, from: u64) {
     let mut polls: FuturesUnordered<futures::future::BoxFuture<'static, Answer>> =
         FuturesUnordered::new();
     let mut target_rx = feed.target.subscribe();
+    // Transactions this feed pushed (start_ts -> pushed above), shared with its requests.
+    let pushed: Arc<Mutex<HashMap<u64, (u64, Instant)>>> = Arc::default();
     loop {
         if feed.stopped.load(Ordering::Acquire) {
             return;
@@ -309,13 +313,18 @@ async fn drive(feed: Arc<Feed>, client: Arc<Client>, from: u64) {
                 (client.clone(), start.clone(), seg.end.clone(), feed.prev_kv);
             let from = seg.resolved;
             let mut target = feed.target.subscribe();
+            let pushed_now: HashMap<u64, u64> = {
+                let mut p = pushed.lock();
+                p.retain(|_, (_, at)| at.elapsed() < PUSHED_KEPT);
+                p.iter().map(|(s, (ts, _))| (*s, *ts)).collect()
+            };
             polls.push(Box::pin(async move {
                 if let Some(at) = delay {
                     tokio::time::sleep_until(at).await;
                 }
                 let wait = if long { LONG_POLL_MS } else { 0 };
                 let key = start.clone();
-                let ask = client.region_changes(&start, &end, from, prev, wait);
+                let ask = client.region_changes(&start, &end, from, prev, wait, &pushed_now);
                 if !long {
                     return (key, Some(ask.await));
                 }
