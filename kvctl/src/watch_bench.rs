@@ -2,7 +2,7 @@
 //! so the same run measures Atoll's storage nodes and an etcd cluster alike. One JSON line
 //! out: puts done and their latency, events expected and delivered, delivery latency (from
 //! the moment the put was sent to the moment a watcher received its event: the put's commit
-//! plus the watch's delivery), and the watchers that missed or repeated an event.
+//! plus the watch's delivery), and the watchers that missed, repeated or reordered an event.
 //!
 //! Every put writes a fresh key under the prefix, so every watcher must receive every put
 //! exactly once; the value carries the put's send time.
@@ -57,6 +57,8 @@ struct Stats {
     delivery: Mutex<Histogram<u64>>,
     delivered: AtomicU64,
     duplicates: AtomicU64,
+    /// Events that came with a lower revision than one the same watcher already had.
+    out_of_order: AtomicU64,
 }
 
 pub async fn run(a: WatchBenchArgs) -> anyhow::Result<serde_json::Value> {
@@ -82,6 +84,7 @@ pub async fn run(a: WatchBenchArgs) -> anyhow::Result<serde_json::Value> {
         delivery: Mutex::new(Histogram::new(3)?),
         delivered: AtomicU64::new(0),
         duplicates: AtomicU64::new(0),
+        out_of_order: AtomicU64::new(0),
     });
     let key = a.prefix.as_bytes().to_vec();
     let end = prefix_end(&key);
@@ -110,6 +113,7 @@ pub async fn run(a: WatchBenchArgs) -> anyhow::Result<serde_json::Value> {
         let stall = Duration::from_secs_f64(a.stall);
         tasks.push(tokio::spawn(async move {
             let mut seen = std::collections::HashSet::new();
+            let mut last_rev = 0i64;
             let mut first = true;
             loop {
                 if stalled && !first {
@@ -129,6 +133,10 @@ pub async fn run(a: WatchBenchArgs) -> anyhow::Result<serde_json::Value> {
                 let now = base.elapsed().as_micros() as u64;
                 for e in resp.events {
                     let kv = e.kv.unwrap_or_default();
+                    if kv.mod_revision < last_rev {
+                        stats.out_of_order.fetch_add(1, Ordering::Relaxed);
+                    }
+                    last_rev = last_rev.max(kv.mod_revision);
                     if !seen.insert(kv.key.clone()) {
                         stats.duplicates.fetch_add(1, Ordering::Relaxed);
                         continue;
@@ -251,6 +259,7 @@ pub async fn run(a: WatchBenchArgs) -> anyhow::Result<serde_json::Value> {
         "events_expected": puts * total as u64,
         "events_delivered": stats.delivered.load(Ordering::Relaxed),
         "duplicates": stats.duplicates.load(Ordering::Relaxed),
+        "out_of_order": stats.out_of_order.load(Ordering::Relaxed),
         "watchers_short": short,
         "delivery_p50_ms": ms(&d, 0.5),
         "delivery_p99_ms": ms(&d, 0.99),
