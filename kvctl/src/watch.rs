@@ -71,6 +71,8 @@ pub async fn run(c: &Client, args: WatchArgs, json_out: bool) -> anyhow::Result<
         .await
         {
             Ok(()) => return Ok(()),
+            // History below the compaction point is gone on every store: no retry helps.
+            Err(e) if e.is::<Compacted>() => return Err(e),
             Err(e) => {
                 eprintln!("kvctl: watch through {addr}: {e}; going on from revision {next_rev}");
                 tokio::time::sleep(Duration::from_millis(500)).await;
@@ -78,6 +80,25 @@ pub async fn run(c: &Client, args: WatchArgs, json_out: bool) -> anyhow::Result<
         }
     }
 }
+
+/// The revision asked for is below the compaction point.
+#[derive(Debug)]
+struct Compacted {
+    asked: i64,
+    first: i64,
+}
+
+impl std::fmt::Display for Compacted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "revision {} is compacted: history starts at {}",
+            self.asked, self.first
+        )
+    }
+}
+
+impl std::error::Error for Compacted {}
 
 /// Watches through one store until it fails; `next_rev` follows what was printed.
 async fn follow(
@@ -103,11 +124,11 @@ async fn follow(
     while let Some(resp) = inbound.message().await? {
         if resp.canceled {
             if resp.compact_revision > 0 {
-                anyhow::bail!(
-                    "revision {} is compacted: history starts at {}",
-                    *next_rev,
-                    resp.compact_revision
-                );
+                return Err(Compacted {
+                    asked: *next_rev,
+                    first: resp.compact_revision,
+                }
+                .into());
             }
             anyhow::bail!("watch canceled: {}", resp.cancel_reason);
         }
