@@ -230,14 +230,20 @@ pub struct WatchCtl {
     pub stop: AtomicBool,
     /// How long a progress request may go unanswered before the watcher resumes elsewhere.
     pub stall: Duration,
+    /// What [`Response::received_ns`] counts from.
+    pub base: Instant,
 }
 
 impl WatchCtl {
     pub fn new(stall: Duration) -> Arc<WatchCtl> {
+        WatchCtl::with_base(stall, Instant::now())
+    }
+    pub fn with_base(stall: Duration, base: Instant) -> Arc<WatchCtl> {
         Arc::new(WatchCtl {
             catch_up_to: AtomicI64::new(0),
             stop: AtomicBool::new(false),
             stall,
+            base,
         })
     }
 }
@@ -325,7 +331,8 @@ async fn incarnation(
                     Ok(None) => return Ended::Failed(format!("{addr}: stream ended")),
                     Err(e) => return Ended::Failed(format!("{addr}: {e}")),
                 };
-                let resp = Response::from_proto(&r);
+                let mut resp = Response::from_proto(&r);
+                resp.received_ns = ctl.base.elapsed().as_nanos() as u64;
                 if let Some(i) = log.lock().incarnations.last_mut() {
                     i.responses.push(resp.clone());
                 }

@@ -1,5 +1,6 @@
 //! Shared helpers for the integration tests: running the real binaries on free local ports,
-//! waiting on conditions, and the checkers of the chaos suite (linearizability, watches).
+//! waiting on conditions, and the checkers of the chaos suite (linearizability, watches,
+//! leases, elections and locks).
 //!
 //! | module | owns |
 //! | --- | --- |
@@ -7,8 +8,14 @@
 //! | [`linearizability`] | the per-key register checker (Wing & Gong with memoisation) |
 //! | [`etcd_watch`] | etcd writes and watch streams over gRPC, recorded for [`watch_check`] |
 //! | [`watch_check`] | the etcd watch checker: recorded watch streams against the writes made |
+//! | [`etcd_lease`] | etcd leases, elections and locks over gRPC, recorded for the two below |
+//! | [`lease_check`] | the lease checker: early and missed expiries, revokes, atomic deletes |
+//! | [`fence_check`] | the election and lock checkers: fencing revisions, lost updates |
 
+pub mod etcd_lease;
 pub mod etcd_watch;
+pub mod fence_check;
+pub mod lease_check;
 pub mod linearizability;
 pub mod procs;
 pub mod watch_check;

@@ -160,6 +160,10 @@ pub struct Response {
     pub cancel_reason: String,
     pub fragment: bool,
     pub events: Vec<Event>,
+    /// When the recorder received it (nanoseconds since [`crate::etcd_watch::WatchCtl::base`];
+    /// not judged here, the lease checker's).
+    #[serde(default)]
+    pub received_ns: u64,
 }
 
 impl Response {
@@ -185,6 +189,7 @@ impl Response {
             compact_revision: r.compact_revision,
             cancel_reason: r.cancel_reason.clone(),
             fragment: r.fragment,
+            received_ns: 0,
             events: r
                 .events
                 .iter()

@@ -27,14 +27,28 @@
 //! checker (`atoll_tests::watch_check`) checks every recorded stream: every acknowledged write
 //! in a watcher's range delivered exactly once, in order, one revision per response, no event
 //! that no write made, progress notifications, `prev_kv`, `create_revision` and `version`.
+//!
+//! They run etcd leases under the same faults too (`atoll_tests::etcd_lease`): keepers grant
+//! leases, put keys with them under `lease/`, keep them alive and revoke them or let them lapse;
+//! an observer ranges over `lease/`, a watcher records its deletes, a poller records PD's view
+//! of each lease record's owner. Once the nemesis stops the keepers let every lease go, the
+//! observer goes on until each is past its late limit, and the lease checker
+//! (`atoll_tests::lease_check`) judges early and missed expiries, revokes and atomic deletes.
+//! With `FENCERS > 0` election candidates and lock workers run as well, judged by their fencing
+//! revisions (`atoll_tests::fence_check`).
 
 use atoll_client::{Client, ClientConfig, Error};
+use atoll_tests::etcd_lease::{self, Clock, FenceCtl, LeaseCtl};
 use atoll_tests::etcd_watch::{self, WatchCtl, WatchSpec};
+use atoll_tests::fence_check::{self, ElectionHistory, LockHistory};
+use atoll_tests::lease_check::{self, FaultWindow, LeaseHistory, WatchedDelete, MS, SEC};
 use atoll_tests::linearizability::{
     check_with_final_values, CheckOptions, OpKind, Operation, Outcome,
 };
 use atoll_tests::procs::{http, ClusterOpts, ProcCluster};
-use atoll_tests::watch_check::{self, prefix_end, WatcherLog, Write as EtcdWrite, WriteOp};
+use atoll_tests::watch_check::{
+    self, prefix_end, EventKind, WatcherLog, Write as EtcdWrite, WriteOp,
+};
 use parking_lot::Mutex;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -260,6 +274,46 @@ async fn etcd_writer(
     }
 }
 
+/// The leased keys go under these (each its own region).
+const LEASE_PREFIXES: [&str; 3] = ["lease/a/", "lease/b/", "lease/c/"];
+
+fn lease_splits() -> Vec<String> {
+    let mut v: Vec<String> = LEASE_PREFIXES.iter().map(|p| p.to_string()).collect();
+    v.push("lease0".into());
+    v
+}
+
+/// Where the lease records are (`atoll_storage::lease`: records under the system prefix, the
+/// record key placed by a hash byte of the id), for the owner poller.
+fn lease_records_start() -> Vec<u8> {
+    b"\xff\xff\xff\xffatoll/lr/".to_vec()
+}
+
+fn lease_records_end() -> Vec<u8> {
+    b"\xff\xff\xff\xffatoll/lr0".to_vec()
+}
+
+fn lease_record_key(id: i64) -> Vec<u8> {
+    let mut k = lease_records_start();
+    k.push(((id as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 56) as u8);
+    k.extend_from_slice(&id.to_be_bytes());
+    k
+}
+
+/// The election, its leaders' log, the lock and its counter: split so that every guarded
+/// write (a compare on the leader's or holder's key, a put of another key) spans two regions.
+const ELECTION: &[u8] = b"fence/elect";
+const ELECTION_LOG: &str = "fence/elect-log/";
+const LOCK: &[u8] = b"fence/lock";
+const COUNTER: &[u8] = b"fence/counter";
+const FENCE_SPLITS: [&str; 5] = [
+    "fence/",
+    "fence/elect-log/",
+    "fence/elect/",
+    "fence/lock/",
+    "fence0",
+];
+
 /// The recorded watchers: prefixes spanning several regions, a range across two prefixes, a
 /// from-key range; with and without `prev_kv` and progress requests; one starting "now".
 fn watch_specs(history_start: i64) -> Vec<WatchSpec> {
@@ -364,6 +418,9 @@ struct Nemesis<'a> {
     c: &'a mut ProcCluster,
     rng: StdRng,
     injected: BTreeMap<String, u64>,
+    clock: Clock,
+    /// Every fault, from injection to heal (for the lease checker).
+    windows: Vec<FaultWindow>,
 }
 
 impl Nemesis<'_> {
@@ -438,6 +495,24 @@ impl Nemesis<'_> {
 
     /// Injects `f`, holds it for `hold`, heals it.
     fn run(&mut self, f: Fault, hold: Duration) {
+        let inject = self.clock.now();
+        self.inject(f, hold);
+        let store = match f {
+            Fault::KillStore(i)
+            | Fault::PartitionStore(i)
+            | Fault::IsolateLeader(i)
+            | Fault::PauseStore(i) => Some(self.c.stores[i].addr.clone()),
+            Fault::KillPd(_) | Fault::PausePd(_) => None,
+        };
+        self.windows.push(FaultWindow {
+            inject,
+            heal: self.clock.now(),
+            what: format!("{f:?}"),
+            store,
+        });
+    }
+
+    fn inject(&mut self, f: Fault, hold: Duration) {
         eprintln!("nemesis: {f:?} for {hold:?}");
         *self
             .injected
@@ -490,6 +565,12 @@ struct ChaosOpts {
     broken_reads: bool,
     /// etcd writers and watchers beside the clients, checked with the watch checker.
     watch: bool,
+    /// etcd lease keepers (this many), an observer and a watcher, checked with the lease
+    /// checker.
+    keepers: usize,
+    /// Election candidates and lock workers (this many of each), checked with the fence
+    /// checkers.
+    fencers: usize,
 }
 
 struct ChaosResult {
@@ -501,6 +582,8 @@ struct ChaosResult {
     injected: BTreeMap<String, u64>,
     counts: BTreeMap<&'static str, u64>,
     watch: Option<WatchResult>,
+    lease: Option<LeaseResult>,
+    fence: Option<FenceResult>,
 }
 
 fn run_chaos(o: ChaosOpts) -> ChaosResult {
@@ -521,6 +604,12 @@ fn run_chaos(o: ChaosOpts) -> ChaosResult {
         .collect();
     if o.watch {
         split.extend(watch_splits());
+    }
+    if o.keepers > 0 {
+        split.extend(lease_splits());
+    }
+    if o.fencers > 0 {
+        split.extend(FENCE_SPLITS.iter().map(|k| k.to_string()));
     }
     let mut args = vec!["split"];
     args.extend(split.iter().map(String::as_str));
@@ -597,6 +686,86 @@ fn run_chaos(o: ChaosOpts) -> ChaosResult {
         let (pd, stop, n) = (c.pd_endpoints(), etcd_stop.clone(), splits.clone());
         split_thread = Some(std::thread::spawn(move || splitter(pd, stop, n, seed)));
     }
+    // etcd leases: keepers, an observer, a watcher of the leased keys' deletes, PD's view of
+    // the lease records' owners; elections and locks.
+    let clock = Clock {
+        base: Instant::now(),
+    };
+    let lctl = LeaseCtl::new(
+        clock,
+        nodes.clone(),
+        LEASE_PREFIXES.iter().map(|p| p.to_string()).collect(),
+    );
+    let lwctl = WatchCtl::with_base(Duration::from_secs(8), clock.base);
+    let mut keepers = vec![];
+    let mut lease_observers = vec![];
+    let mut lease_watcher = None;
+    if o.keepers > 0 {
+        let start = rt.block_on(async {
+            for i in 0..30 {
+                if let Ok(r) =
+                    etcd_watch::current_revision(&nodes[i % nodes.len()], b"lease/").await
+                {
+                    return r;
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            panic!("no store answered a Range");
+        });
+        let spec = WatchSpec {
+            name: "lease-deletes".into(),
+            key: b"lease/".to_vec(),
+            range_end: prefix_end(b"lease/"),
+            start_revision: start + 1,
+            request_progress: Some(Duration::from_secs(2)),
+            ..Default::default()
+        };
+        let log = Arc::new(Mutex::new(spec.log()));
+        let h = rt.spawn(etcd_watch::run_watcher(
+            spec,
+            nodes.clone(),
+            1,
+            lwctl.clone(),
+            log.clone(),
+        ));
+        lease_watcher = Some((log, h));
+        for id in 0..o.keepers {
+            keepers.push(rt.spawn(etcd_lease::lease_keeper(id, lctl.clone(), seed)));
+        }
+        lease_observers.push(rt.spawn(etcd_lease::lease_observer(
+            lctl.clone(),
+            b"lease/".to_vec(),
+            prefix_end(b"lease/"),
+        )));
+        let stores: Vec<(u64, String)> = (0..c.stores.len())
+            .filter_map(|i| Some((c.store_id_of(i)?, c.stores[i].addr.clone())))
+            .collect();
+        lease_observers.push(rt.spawn(etcd_lease::owner_poller(
+            lctl.clone(),
+            cl.clone(),
+            stores,
+            (lease_records_start(), lease_records_end()),
+            lease_record_key,
+        )));
+    }
+    let fctl = FenceCtl::new(clock, nodes.clone());
+    let mut fencers = vec![];
+    for id in 0..o.fencers {
+        fencers.push(rt.spawn(etcd_lease::candidate(
+            id,
+            fctl.clone(),
+            ELECTION.to_vec(),
+            ELECTION_LOG.into(),
+            seed,
+        )));
+        fencers.push(rt.spawn(etcd_lease::lock_worker(
+            id,
+            fctl.clone(),
+            LOCK.to_vec(),
+            COUNTER.to_vec(),
+            seed,
+        )));
+    }
     let handles: Vec<_> = (0..o.clients)
         .map(|id| rt.spawn(client_loop(id, cl.clone(), w.clone(), seed)))
         .collect();
@@ -605,6 +774,8 @@ fn run_chaos(o: ChaosOpts) -> ChaosResult {
         c: &mut c,
         rng: StdRng::seed_from_u64(seed),
         injected: BTreeMap::new(),
+        clock,
+        windows: vec![],
     };
     let start = Instant::now();
     std::thread::sleep(Duration::from_secs(2));
@@ -620,13 +791,21 @@ fn run_chaos(o: ChaosOpts) -> ChaosResult {
         std::thread::sleep(Duration::from_millis(nem.rng.gen_range(1000..3000)));
     }
     let mut injected = std::mem::take(&mut nem.injected);
+    let windows = std::mem::take(&mut nem.windows);
     // A quiet tail: the cluster heals while the clients go on.
     std::thread::sleep(Duration::from_secs(3));
     w.stop.store(true, Ordering::Relaxed);
     etcd_stop.store(true, Ordering::Relaxed);
+    // The keepers let their leases go: the final check waits for them to expire.
+    lctl.stop.store(true, Ordering::Relaxed);
+    fctl.stop.store(true, Ordering::Relaxed);
     rt.block_on(async {
         for h in handles.into_iter().chain(writers) {
             let _ = h.await;
+        }
+        // A lease, election or lock worker panics on an answer etcd's API does not allow.
+        for h in keepers.into_iter().chain(fencers) {
+            h.await.expect("a lease, election or lock worker failed");
         }
     });
     if let Some(t) = split_thread {
@@ -644,6 +823,10 @@ fn run_chaos(o: ChaosOpts) -> ChaosResult {
             splits.load(Ordering::Relaxed),
         )
     });
+
+    let lease = lease_watcher
+        .map(|lw| finish_leases(&rt, &c, &lctl, &lwctl, lease_observers, lw, windows.clone()));
+    let fence = (o.fencers > 0).then(|| finish_fences(&rt, &c, &fctl));
 
     // Final read of every key, through the safe path, with every process up.
     let mut fcfg = ClientConfig::new(pd);
@@ -684,7 +867,13 @@ fn run_chaos(o: ChaosOpts) -> ChaosResult {
     let watch_failed = watch
         .as_ref()
         .is_some_and(|x| !x.report.is_ok() || !x.stalled.is_empty());
-    if !violations.is_empty() || !lost.is_empty() || watch_failed {
+    let lease_failed = lease
+        .as_ref()
+        .is_some_and(|x| !x.report.is_ok() || x.report.unjudged > 0);
+    let fence_failed = fence
+        .as_ref()
+        .is_some_and(|x| !x.election.is_ok() || !x.lock.is_ok());
+    if !violations.is_empty() || !lost.is_empty() || watch_failed || lease_failed || fence_failed {
         let dir = std::mem::replace(&mut c.dir, tempfile::tempdir().unwrap());
         let _ = dir.keep();
     }
@@ -698,6 +887,8 @@ fn run_chaos(o: ChaosOpts) -> ChaosResult {
         injected,
         counts,
         watch,
+        lease,
+        fence,
     }
 }
 
@@ -837,6 +1028,154 @@ fn finish_watch(
     }
 }
 
+/// What the lease workers and checker found.
+struct LeaseResult {
+    report: lease_check::Report,
+    /// The deletes watcher never caught up (its deletes may be incomplete; not a violation).
+    watch_stalled: Option<String>,
+}
+
+/// After the keepers let their leases go: observe until every lease's late limit has passed
+/// (the final, strict check: no fault is left to push it; capped at 40 s), let the deletes
+/// watcher catch up with the last observation, and check.
+fn finish_leases(
+    rt: &tokio::runtime::Runtime,
+    c: &ProcCluster,
+    ctl: &Arc<LeaseCtl>,
+    wctl: &Arc<WatchCtl>,
+    observers: Vec<tokio::task::JoinHandle<()>>,
+    watcher: RecordedWatcher,
+    faults: Vec<FaultWindow>,
+) -> LeaseResult {
+    let (grace, settle) = (2 * SEC, 6 * SEC);
+    let clock = ctl.clock;
+    let cap = clock.now() + 40 * SEC;
+    let t = Instant::now();
+    loop {
+        let limit = {
+            let leases = ctl.leases.lock();
+            let owners = ctl.owners.lock();
+            leases
+                .iter()
+                .map(|l| lease_check::late_limit(l, &faults, &owners, grace, settle))
+                .max()
+                .unwrap_or(0)
+        };
+        let target = (limit + 500 * MS).min(cap);
+        if clock.now() >= target {
+            break;
+        }
+        std::thread::sleep(etcd_lease::until(clock, target).min(Duration::from_secs(1)));
+    }
+    ctl.stop_observing.store(true, Ordering::Relaxed);
+    rt.block_on(async {
+        for h in observers {
+            let _ = h.await;
+        }
+    });
+    let observations = std::mem::take(&mut *ctl.observations.lock());
+    let target = observations.iter().map(|o| o.revision).max().unwrap_or(0);
+    wctl.catch_up_to.store(target.max(1), Ordering::Relaxed);
+    let (log, h) = watcher;
+    let watch_stalled = rt.block_on(async {
+        match tokio::time::timeout(Duration::from_secs(30), h).await {
+            Ok(Ok(Ok(_))) => None,
+            Ok(Ok(Err(e))) => Some(e),
+            Ok(Err(e)) => Some(format!("task failed: {e}")),
+            Err(_) => Some(format!("not caught up to {target} in 30 s")),
+        }
+    });
+    wctl.stop.store(true, Ordering::Relaxed);
+    let deletes: Vec<WatchedDelete> = log
+        .lock()
+        .incarnations
+        .iter()
+        .flat_map(|i| i.responses.iter())
+        .flat_map(|r| {
+            r.events
+                .iter()
+                .filter(|e| e.kind == EventKind::Delete)
+                .map(move |e| WatchedDelete {
+                    received: r.received_ns,
+                    key: e.kv.key.clone(),
+                    revision: e.kv.mod_revision,
+                })
+        })
+        .collect();
+    let history = LeaseHistory {
+        leases: std::mem::take(&mut *ctl.leases.lock()),
+        observations,
+        deletes,
+        faults,
+        owners: std::mem::take(&mut *ctl.owners.lock()),
+        grace,
+        settle,
+    };
+    eprintln!(
+        "lease: observed every lease past its late limit in {:?}",
+        t.elapsed()
+    );
+    let report = lease_check::check(&history);
+    eprintln!("{report}");
+    if let Some(s) = &watch_stalled {
+        eprintln!("lease: the deletes watcher stalled: {s}");
+    }
+    if !report.is_ok() || report.unjudged > 0 {
+        let dump = c.path().join("lease_history.json");
+        std::fs::write(&dump, serde_json::to_vec(&history).unwrap()).unwrap();
+        eprintln!("lease history written to {} (kept)", dump.display());
+    }
+    LeaseResult {
+        report,
+        watch_stalled,
+    }
+}
+
+/// What the election and lock workers and checkers found.
+struct FenceResult {
+    election: fence_check::Report,
+    lock: fence_check::Report,
+    /// Calls that failed (campaign, lock, resign, unlock errors ...).
+    errors: BTreeMap<String, u64>,
+}
+
+fn finish_fences(
+    rt: &tokio::runtime::Runtime,
+    c: &ProcCluster,
+    ctl: &Arc<FenceCtl>,
+) -> FenceResult {
+    let final_counter = rt.block_on(etcd_lease::read_counter(
+        &ctl.nodes,
+        COUNTER,
+        Duration::from_secs(30),
+    ));
+    let election = ElectionHistory {
+        leaderships: std::mem::take(&mut *ctl.leaderships.lock()),
+        writes: std::mem::take(&mut *ctl.writes.lock()),
+    };
+    let lock = LockHistory {
+        sections: std::mem::take(&mut *ctl.sections.lock()),
+        final_counter,
+    };
+    let er = fence_check::check_election(&election);
+    let lr = fence_check::check_lock(&lock);
+    eprintln!("election {er}lock {lr}");
+    if !er.is_ok() || !lr.is_ok() {
+        let dump = c.path().join("fence_history.json");
+        let v = serde_json::json!({ "election": election, "lock": lock });
+        std::fs::write(&dump, serde_json::to_vec(&v).unwrap()).unwrap();
+        eprintln!(
+            "election and lock history written to {} (kept)",
+            dump.display()
+        );
+    }
+    FenceResult {
+        election: er,
+        lock: lr,
+        errors: ctl.counts.lock().clone(),
+    }
+}
+
 fn report(r: &ChaosResult) {
     eprintln!(
         "chaos: {} operations recorded ({} unknown), attempted {:?}; faults {:?}; \
@@ -861,6 +1200,37 @@ fn report(r: &ChaosResult) {
             wr.stalled.len(),
             wr.target,
             wr.report.summary()
+        );
+    }
+    if let Some(lr) = &r.lease {
+        let rep = &lr.report;
+        eprintln!(
+            "chaos leases: {} leases, {} keep-alives, {} early expiries, {} missed expiries \
+             ({} revoked keys present, {} not atomic); {}{}",
+            rep.leases,
+            rep.keep_alives,
+            rep.count(lease_check::Kind::EarlyExpiry),
+            rep.count(lease_check::Kind::MissedExpiry),
+            rep.count(lease_check::Kind::RevokedPresent),
+            rep.count(lease_check::Kind::NotAtomic),
+            rep.summary(),
+            lr.watch_stalled
+                .as_ref()
+                .map_or(String::new(), |s| format!("; deletes watcher stalled: {s}"))
+        );
+    }
+    if let Some(f) = &r.fence {
+        eprintln!(
+            "chaos election: {} double leaders; {}",
+            f.election.count(fence_check::Kind::DoubleLeader),
+            f.election.summary()
+        );
+        eprintln!(
+            "chaos lock: {} overlapping locks, {} lost updates; {}; failed calls {:?}",
+            f.lock.count(fence_check::Kind::LockOverlap),
+            f.lock.count(fence_check::Kind::LostUpdate),
+            f.lock.summary(),
+            f.errors
         );
     }
 }
@@ -908,7 +1278,34 @@ fn assert_clean(r: &ChaosResult) {
             wr.report.summary()
         );
     }
+    if let Some(lr) = &r.lease {
+        assert!(lr.report.is_ok(), "lease violations:\n{}", lr.report);
+        assert_eq!(
+            lr.report.unjudged,
+            0,
+            "leases never observed past their late limit: {}",
+            lr.report.summary()
+        );
+        assert!(
+            lr.report.leases >= 5 && lr.report.keep_alives_renewed >= 10,
+            "too few leases or keep-alives to mean anything: {}",
+            lr.report.summary()
+        );
+    }
+    if let Some(f) = &r.fence {
+        assert!(f.election.is_ok(), "election violations:\n{}", f.election);
+        assert!(f.lock.is_ok(), "lock violations:\n{}", f.lock);
+        assert!(
+            f.election.writes_ok >= 5 && f.lock.writes_ok >= 5,
+            "too few guarded writes to mean anything: election {}; lock {}",
+            f.election.summary(),
+            f.lock.summary()
+        );
+    }
 }
+
+/// Election candidates and lock workers, of each (0 while the services are not served).
+const FENCERS: usize = 0;
 
 #[test]
 fn chaos_bounded() {
@@ -919,6 +1316,8 @@ fn chaos_bounded() {
         keys: 48,
         broken_reads: false,
         watch: true,
+        keepers: 4,
+        fencers: FENCERS,
     });
     assert_clean(&r);
 }
@@ -936,6 +1335,8 @@ fn chaos_long() {
         keys: 64,
         broken_reads: false,
         watch: true,
+        keepers: 4,
+        fencers: FENCERS,
     });
     assert_clean(&r);
 }
@@ -952,6 +1353,8 @@ fn chaos_checker_catches_stale_follower_reads() {
         keys: 8,
         broken_reads: true,
         watch: false,
+        keepers: 0,
+        fencers: 0,
     });
     report(&r);
     assert!(
