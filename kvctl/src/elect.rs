@@ -168,7 +168,10 @@ async fn keep_alive(addrs: Vec<String>, id: i64, ttl: i64, lost: watch::Sender<b
     loop {
         let addr = &addrs[attempt % addrs.len()];
         attempt += 1;
-        let Ok(ch) = channel(addr) else { continue };
+        let Ok(ch) = channel(addr) else {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            continue;
+        };
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         let outbound = tokio_stream::wrappers::ReceiverStream::new(rx);
         let stream = tokio::time::timeout(
@@ -275,10 +278,16 @@ pub async fn lock(c: &Client, a: LockArgs, json_out: bool) -> anyhow::Result<i32
             .spawn()
             .map_err(|e| anyhow::anyhow!("run {}: {e}", a.cmd[0]))?;
         let mut lost = false;
+        let mut stopping = false;
+        let mut signal = std::pin::pin!(signalled());
         let status = loop {
             tokio::select! {
                 s = child.wait() => break s?,
-                _ = signalled() => terminate(&child),
+                _ = &mut signal, if !stopping => {
+                    // CMD got Ctrl-C too if it came from the terminal; SIGTERM is for the rest.
+                    stopping = true;
+                    terminate(&child);
+                }
                 _ = session.wait_lost(), if !lost => {
                     eprintln!("kvctl: lost the lock (its lease expired): stopping {}", a.cmd[0]);
                     lost = true;

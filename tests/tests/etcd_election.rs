@@ -176,7 +176,7 @@ fn check_exclusive(log: &[String]) -> Vec<(String, Vec<String>)> {
 }
 
 /// `etcdctl lock` (etcd's client recipe over KV, Watch and Lease) and `kvctl lock` (the Lock
-/// service) queue on the same keys: three contenders, each holding the lock for 2 s, never
+/// service) queue on the same keys: three contenders, each holding the lock for 3 s, never
 /// overlap, are served in the order they came, and their fencing revisions grow.
 #[test]
 fn etcdctl_and_kvctl_locks_exclude_each_other() {
@@ -185,7 +185,7 @@ fn etcdctl_and_kvctl_locks_exclude_each_other() {
     let log = c.path().join("lock.log");
     let hold = |who: &str, key_var: &str, rev_var: &str| {
         format!(
-            "echo \"{who} start ${key_var} ${rev_var}\" >> {log}; /bin/sleep 2; echo \"{who} end\" >> {log}",
+            "echo \"{who} start ${key_var} ${rev_var}\" >> {log}; /bin/sleep 3; echo \"{who} end\" >> {log}",
             log = log.display()
         )
     };
@@ -212,7 +212,13 @@ fn etcdctl_and_kvctl_locks_exclude_each_other() {
     .arg(hold("B", "ATOLL_LOCK_KEY", "ATOLL_LOCK_REV"))
     .env("RUST_LOG", "error");
     let mut b = Running::spawn(b, "kvctl-lock-B");
-    std::thread::sleep(Duration::from_millis(700));
+    // B queues (its key is the second under the lock's prefix) before C comes.
+    let queued = wait_until(Duration::from_secs(20), || {
+        c.kvctl_json(&["scan", "shared-lock/", "shared-lock0"])["kvs"]
+            .as_array()
+            .is_some_and(|k| k.len() == 2)
+    });
+    assert!(queued, "B never queued: {:?}", b.lines());
     let mut cc = etcdctl_cmd(&endpoints);
     cc.args(["lock", "--ttl=5", "shared-lock", "/bin/sh", "-c"])
         .arg(hold("C", "ETCD_LOCK_KEY", "ETCD_LOCK_REV"));
