@@ -2,6 +2,7 @@
 //! Exit status 0 on success; otherwise a one-line error on stderr and a non-zero status.
 
 mod bench;
+mod elect;
 mod playground;
 mod watch;
 mod watch_bench;
@@ -104,6 +105,12 @@ enum Cmd {
     },
     /// Follow changes of KEY (or, with --prefix, of every key under it): one line per event.
     Watch(watch::WatchArgs),
+    /// Run CMD while holding lock NAME (etcd's Lock API, with a lease kept alive); without
+    /// CMD, hold it until Ctrl-C.
+    Lock(elect::LockArgs),
+    /// Campaign in election NAME with PROPOSAL and stay leader until Ctrl-C; without
+    /// PROPOSAL, print each leader value.
+    Elect(elect::ElectArgs),
     /// Watchers and writers through etcd's API (Atoll's or an etcd cluster's); one JSON line.
     WatchBench(watch_bench::WatchBenchArgs),
     /// Load generator; prints one JSON line.
@@ -282,6 +289,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Cmd::Watch(args) => watch::run(&c, args, out == Output::Json).await?,
+        Cmd::Lock(args) => {
+            let code = elect::lock(&c, args, out == Output::Json).await?;
+            std::process::exit(code);
+        }
+        Cmd::Elect(args) => {
+            let code = elect::elect(&c, args, out == Output::Json).await?;
+            std::process::exit(code);
+        }
         Cmd::Stores => {
             let infos = c.pd().get_all_stores(false).await?;
             let mut rows = vec![];

@@ -17,18 +17,26 @@
 //! | `/v3/watch` | Watch: the body's requests in, one `{"result": ...}` line per response out |
 //! | `/v3/lease/{grant,revoke,timetolive,leases}` (and `/v3/kv/lease/{revoke,timetolive,leases}`) | Lease |
 //! | `/v3/lease/keepalive` | LeaseKeepAlive: one `{"result": ...}` line per request of the body |
+//! | `/v3/election/{campaign,proclaim,leader,resign}` | Election |
+//! | `/v3/election/observe` | Election's Observe: one `{"result": ...}` line per leader response |
+//! | `/v3/lock/{lock,unlock}` | Lock |
 //! | `GET /version` | `{"etcdserver":"3.5.17","etcdcluster":"3.5.0"}` |
 //! | `GET /health` | a linearizable range of one key through the KV service (`?serializable=true`: a serializable one) |
 
+use crate::election::ElectionService;
 use crate::errors;
 use crate::json::{self, JsonMessage};
 use crate::lease::LeaseService;
+use crate::lock::LockService;
 use crate::watch::WatchService;
 use atoll_proto::etcdserverpb::cluster_server::Cluster;
 use atoll_proto::etcdserverpb::kv_server::Kv;
 use atoll_proto::etcdserverpb::lease_server::Lease;
 use atoll_proto::etcdserverpb::maintenance_server::Maintenance;
 use atoll_proto::etcdserverpb::{LeaseKeepAliveRequest, RangeRequest, WatchRequest};
+use atoll_proto::v3electionpb::election_server::Election;
+use atoll_proto::v3electionpb::LeaderRequest;
+use atoll_proto::v3lockpb::lock_server::Lock;
 use axum::body::Body;
 use axum::extract::Request;
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
@@ -138,6 +146,91 @@ where
             }),
         )
         .fallback(not_found)
+}
+
+/// The gateway's Election and Lock paths (etcd 3.4/3.5's grpc-gateway paths), merged into
+/// [`router`]'s. `/v3/election/observe` streams one `{"result": LeaderResponse}` line per
+/// leader response, as `/v3/watch` does; the others are unary.
+pub fn election_routes(election: Arc<ElectionService>, lock: Arc<LockService>) -> Router {
+    macro_rules! unary {
+        ($svc:expr, $tr:ident, $method:ident) => {{
+            let svc = $svc.clone();
+            post(move |req: Request| {
+                let svc = svc.clone();
+                async move {
+                    unary(
+                        req,
+                        move |r| async move { $tr::$method(svc.as_ref(), r).await },
+                    )
+                    .await
+                }
+            })
+            .fallback(method_not_allowed)
+        }};
+    }
+    let observe_svc = election.clone();
+    Router::new()
+        .route(
+            "/v3/election/campaign",
+            unary!(election, Election, campaign),
+        )
+        .route(
+            "/v3/election/proclaim",
+            unary!(election, Election, proclaim),
+        )
+        .route("/v3/election/leader", unary!(election, Election, leader))
+        .route("/v3/election/resign", unary!(election, Election, resign))
+        .route(
+            "/v3/election/observe",
+            post(move |req: Request| {
+                let svc = observe_svc.clone();
+                async move { observe_stream(req, &svc).await }
+            })
+            .fallback(method_not_allowed),
+        )
+        .route("/v3/lock/lock", unary!(lock, Lock, lock))
+        .route("/v3/lock/unlock", unary!(lock, Lock, unlock))
+}
+
+/// `POST /v3/election/observe`: the body is a LeaderRequest; the answer streams each leader
+/// response as one line `{"result": ...}` (an error as a last line), until the client goes
+/// away.
+async fn observe_stream(req: Request, election: &ElectionService) -> Response {
+    let bytes = match axum::body::to_bytes(req.into_body(), MAX_BODY).await {
+        Ok(b) => b,
+        Err(e) => return error_response(&Status::invalid_argument(e.to_string())),
+    };
+    let request: LeaderRequest = match json::from_json(&bytes) {
+        Ok(m) => m,
+        Err(e) => return error_response(&Status::invalid_argument(e.0)),
+    };
+    let rx = election.serve_observe(request);
+    streaming_lines(tokio_stream::wrappers::ReceiverStream::new(rx))
+}
+
+/// A streaming answer: one JSON line per message, `{"result": MSG}`, or the error body.
+fn streaming_lines<M, S>(stream: S) -> Response
+where
+    M: JsonMessage,
+    S: tokio_stream::Stream<Item = Result<M, Status>> + Send + 'static,
+{
+    let lines = stream.map(|r| {
+        let mut line = match r {
+            Ok(resp) => match json::to_json(&resp) {
+                Ok(body) => [b"{\"result\":".as_slice(), &body, b"}"].concat(),
+                Err(e) => error_body(&Status::internal(e.0)),
+            },
+            Err(status) => error_body(&status),
+        };
+        line.push(b'\n');
+        Ok::<_, std::convert::Infallible>(line)
+    });
+    let mut r = Response::new(Body::from_stream(lines));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
 }
 
 /// A route that answers GET with `handler` and other methods with 405, as etcd's

@@ -104,6 +104,19 @@ json_messages! {
     etcdserverpb::MoveLeaderResponse => "etcdserverpb.MoveLeaderResponse",
     etcdserverpb::DowngradeRequest => "etcdserverpb.DowngradeRequest",
     etcdserverpb::DowngradeResponse => "etcdserverpb.DowngradeResponse",
+    v3electionpb::CampaignRequest => "v3electionpb.CampaignRequest",
+    v3electionpb::CampaignResponse => "v3electionpb.CampaignResponse",
+    v3electionpb::LeaderKey => "v3electionpb.LeaderKey",
+    v3electionpb::LeaderRequest => "v3electionpb.LeaderRequest",
+    v3electionpb::LeaderResponse => "v3electionpb.LeaderResponse",
+    v3electionpb::ResignRequest => "v3electionpb.ResignRequest",
+    v3electionpb::ResignResponse => "v3electionpb.ResignResponse",
+    v3electionpb::ProclaimRequest => "v3electionpb.ProclaimRequest",
+    v3electionpb::ProclaimResponse => "v3electionpb.ProclaimResponse",
+    v3lockpb::LockRequest => "v3lockpb.LockRequest",
+    v3lockpb::LockResponse => "v3lockpb.LockResponse",
+    v3lockpb::UnlockRequest => "v3lockpb.UnlockRequest",
+    v3lockpb::UnlockResponse => "v3lockpb.UnlockResponse",
 }
 
 /// Why a body could not be read or a message written.

@@ -5,9 +5,11 @@
 
 use crate::cluster::ClusterService;
 use crate::context::EtcdContext;
+use crate::election::{ElectionService, Recipes};
 use crate::gateway;
 use crate::kv::KvService;
 use crate::lease::LeaseService;
+use crate::lock::LockService;
 use crate::maintenance::MaintenanceService;
 use crate::watch::WatchService;
 use atoll_proto::etcdserverpb::cluster_server::ClusterServer;
@@ -15,6 +17,8 @@ use atoll_proto::etcdserverpb::kv_server::KvServer;
 use atoll_proto::etcdserverpb::lease_server::LeaseServer;
 use atoll_proto::etcdserverpb::maintenance_server::MaintenanceServer;
 use atoll_proto::etcdserverpb::watch_server::WatchServer;
+use atoll_proto::v3electionpb::election_server::ElectionServer;
+use atoll_proto::v3lockpb::lock_server::LockServer;
 use axum::extract::Request;
 use axum::http::{header, Version};
 use std::sync::Arc;
@@ -34,16 +38,28 @@ pub struct EtcdServices {
     pub maintenance: Arc<MaintenanceService>,
     pub watch: Arc<WatchService>,
     pub lease: Arc<LeaseService>,
+    pub election: Arc<ElectionService>,
+    pub lock: Arc<LockService>,
 }
 
 impl EtcdServices {
     pub fn new(ctx: &Arc<EtcdContext>) -> Self {
+        let kv = Arc::new(KvService::new(ctx.clone()));
+        let watch = Arc::new(WatchService::new(ctx.clone()));
+        // Election and Lock run on the KV and Watch services in process.
+        let recipes = Arc::new(Recipes {
+            kv: kv.clone(),
+            watch: watch.clone(),
+            grant: None,
+        });
         EtcdServices {
-            kv: Arc::new(KvService::new(ctx.clone())),
+            kv,
             cluster: Arc::new(ClusterService::new(ctx.clone())),
             maintenance: Arc::new(MaintenanceService::new(ctx.clone())),
-            watch: Arc::new(WatchService::new(ctx.clone())),
+            watch,
             lease: Arc::new(LeaseService::new(ctx.clone())),
+            election: Arc::new(ElectionService::new(ctx.clone(), recipes.clone())),
+            lock: Arc::new(LockService::new(recipes)),
         }
     }
 
@@ -61,7 +77,9 @@ impl EtcdServices {
             WatchServer::from_arc(self.watch.clone())
                 .max_decoding_message_size(MAX_GRPC_MESSAGE)
                 .max_encoding_message_size(MAX_GRPC_MESSAGE),
-        );
+        )
+        .add_service(ElectionServer::from_arc(self.election.clone()))
+        .add_service(LockServer::from_arc(self.lock.clone()));
     }
 
     /// The HTTP/JSON gateway over these services.
@@ -73,6 +91,10 @@ impl EtcdServices {
             self.watch.clone(),
             self.lease.clone(),
         )
+        .merge(gateway::election_routes(
+            self.election.clone(),
+            self.lock.clone(),
+        ))
     }
 }
 
