@@ -34,8 +34,9 @@
 //! of each lease record's owner. Once the nemesis stops the keepers let every lease go, the
 //! observer goes on until each is past its late limit, and the lease checker
 //! (`atoll_tests::lease_check`) judges early and missed expiries, revokes and atomic deletes.
-//! With `FENCERS > 0` election candidates and lock workers run as well, judged by their fencing
-//! revisions (`atoll_tests::fence_check`).
+//! Election candidates and lock workers (`FENCERS` of each) run as well: each with a lease of
+//! its own, writing only through Txns guarded by its key's `create_revision` (the fence),
+//! judged by `atoll_tests::fence_check` (no two leaders, no overlapping locks, no lost update).
 
 use atoll_client::{Client, ClientConfig, Error};
 use atoll_tests::etcd_lease::{self, Clock, FenceCtl, LeaseCtl};
@@ -281,23 +282,6 @@ fn lease_splits() -> Vec<String> {
     let mut v: Vec<String> = LEASE_PREFIXES.iter().map(|p| p.to_string()).collect();
     v.push("lease0".into());
     v
-}
-
-/// Where the lease records are (`atoll_storage::lease`: records under the system prefix, the
-/// record key placed by a hash byte of the id), for the owner poller.
-fn lease_records_start() -> Vec<u8> {
-    b"\xff\xff\xff\xffatoll/lr/".to_vec()
-}
-
-fn lease_records_end() -> Vec<u8> {
-    b"\xff\xff\xff\xffatoll/lr0".to_vec()
-}
-
-fn lease_record_key(id: i64) -> Vec<u8> {
-    let mut k = lease_records_start();
-    k.push(((id as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 56) as u8);
-    k.extend_from_slice(&id.to_be_bytes());
-    k
 }
 
 /// The election, its leaders' log, the lock and its counter: split so that every guarded
@@ -744,8 +728,11 @@ fn run_chaos(o: ChaosOpts) -> ChaosResult {
             lctl.clone(),
             cl.clone(),
             stores,
-            (lease_records_start(), lease_records_end()),
-            lease_record_key,
+            (
+                atoll_storage::lease::records_start(),
+                atoll_storage::lease::records_end(),
+            ),
+            atoll_storage::lease::record_key,
         )));
     }
     let fctl = FenceCtl::new(clock, nodes.clone());
@@ -1304,8 +1291,8 @@ fn assert_clean(r: &ChaosResult) {
     }
 }
 
-/// Election candidates and lock workers, of each (0 while the services are not served).
-const FENCERS: usize = 0;
+/// Election candidates and lock workers, of each.
+const FENCERS: usize = 3;
 
 #[test]
 fn chaos_bounded() {
