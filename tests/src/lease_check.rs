@@ -233,6 +233,13 @@ pub struct Report {
     pub owner_changes: usize,
     /// Leases whose late limit lies after the last observation: not judged for missed expiry.
     pub unjudged: usize,
+    /// Per lease that expired (not revoked) and was seen gone: how long after `last keep-alive
+    /// answered + TTL` the first Range not finding its keys completed, in ms (an upper estimate
+    /// of how late it expired), sorted.
+    pub lateness_ms: Vec<u64>,
+    /// Of those, the ones later than a full TTL (a timer restarted by an owner change, or
+    /// held by a fault).
+    pub later_than_ttl: usize,
 }
 
 impl Report {
@@ -254,7 +261,8 @@ impl Report {
             "{} leases ({} keys, {} revoked, {} expiries judged, {} unjudged), {} keep-alives \
              ({} renewed, {} unknown), {} observations, {} deletes watched, {} owner changes; \
              {} early expiries, {} missed expiries, {} revoked keys present, {} not atomic, \
-             {} wrong lease; {} violations",
+             {} wrong lease; {} violations; expiry after last keep-alive + TTL: p50 {} ms, \
+             max {} ms, {} later than a TTL more",
             self.leases,
             self.keys,
             self.revoked,
@@ -272,6 +280,9 @@ impl Report {
             self.count(Kind::NotAtomic),
             self.count(Kind::WrongLease),
             self.violations.len(),
+            pct(&self.lateness_ms, 50),
+            pct(&self.lateness_ms, 100),
+            self.later_than_ttl,
         )
     }
 }
@@ -551,6 +562,30 @@ pub fn check(h: &LeaseHistory) -> Report {
                 );
             }
         }
+        if l.revoke.is_none() && !l.keys.is_empty() {
+            // When it was first seen gone, after it was last seen present.
+            let holds = |o: &Observation| {
+                o.present
+                    .iter()
+                    .any(|(k, _)| l.keys.iter().any(|lk| lk.key == *k))
+            };
+            let last_present = obs.iter().filter(|o| holds(o)).map(|o| o.invoke).max();
+            if let Some(p) = last_present {
+                let gone = obs
+                    .iter()
+                    .filter(|o| o.invoke > p && !holds(o))
+                    .map(|o| o.done)
+                    .min();
+                if let Some(g) = gone {
+                    let due = last_answer(l) + l.ttl;
+                    let late = g.saturating_sub(due);
+                    r.lateness_ms.push(late / MS);
+                    if late > l.ttl {
+                        r.later_than_ttl += 1;
+                    }
+                }
+            }
+        }
         if revoked.is_none() && !l.keys.is_empty() {
             if late <= last_invoke || present_after_late {
                 r.expired_judged += 1;
@@ -566,7 +601,16 @@ pub fn check(h: &LeaseHistory) -> Report {
             });
         }
     }
+    r.lateness_ms.sort_unstable();
     r
+}
+
+/// The `p`th percentile of sorted `v` (0 if empty).
+fn pct(v: &[u64], p: usize) -> u64 {
+    if v.is_empty() {
+        return 0;
+    }
+    v[((v.len() - 1) * p / 100).min(v.len() - 1)]
 }
 
 fn last_answer(l: &LeaseLog) -> Ns {
@@ -693,6 +737,9 @@ mod tests {
         assert_eq!(r.keep_alives_renewed, 3);
         assert_eq!(r.expired_judged, 1);
         assert_eq!(r.unjudged, 0);
+        // Last keep-alive answered at 4.01 s, TTL 4 s: first seen gone by 9.505 s.
+        assert_eq!(r.lateness_ms, vec![1495]);
+        assert_eq!(r.later_than_ttl, 0);
     }
 
     const G: Ns = 2 * SEC;
