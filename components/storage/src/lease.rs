@@ -20,8 +20,8 @@
 //!   successor is elected only after a quorum stopped hearing the old leader, so it starts
 //!   after every keep-alive the old one answered: its `now + TTL` covers them all.
 //! - **Checkpoints** bound the reset a failover causes for long TTLs: a lease not kept alive
-//!   for [`CHECKPOINT_INTERVAL`] gets its remaining time written into its record (batched per
-//!   region), and a successor counts from that. A keep-alive after a checkpoint clears it
+//!   for `[storage] lease-checkpoint-interval` (60 s) gets its remaining time written into its
+//!   record (batched per region), and a successor counts from that. A keep-alive after a checkpoint clears it
 //!   (written before the keep-alive is answered), so a successor never counts from a remaining
 //!   time older than a keep-alive it did not see.
 //! - **Expiry** marks the record `expiring` through a command decided on the owner's own
@@ -43,9 +43,6 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// A lease not kept alive for this long gets its remaining time checkpointed (if its TTL is
-/// longer than this: shorter ones gain nothing from it).
-pub const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(60);
 /// How often the owner looks at its leadership, due leases and checkpoints.
 pub const TICK: Duration = Duration::from_millis(100);
 /// Leases marked expiring per tick and store: 1,000 a second, etcd's default revoke rate.
@@ -627,7 +624,7 @@ impl<E: KvEngine> Storage<E> {
     /// Writes the remaining time of leases not kept alive for a while into their records.
     fn checkpoint_leases(self: &Arc<Self>) {
         let now = Instant::now();
-        let interval_ms = CHECKPOINT_INTERVAL.as_millis() as i64;
+        let interval_ms = self.cfg.lease_checkpoint_interval.0.as_millis() as i64;
         let mut by_region: HashMap<u64, Vec<i64>> = HashMap::new();
         {
             let mut inner = self.leases.inner.lock();
