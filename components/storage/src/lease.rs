@@ -214,6 +214,8 @@ struct Inner {
     owned: HashMap<u64, Owned>,
     leases: HashMap<i64, Held>,
     due: BTreeSet<(Instant, i64)>,
+    /// The leases in `leases` that are expiring.
+    expiring: HashSet<i64>,
 }
 
 impl Inner {
@@ -231,7 +233,13 @@ impl Inner {
             h.ttl = rec.ttl;
             h.checkpoint_ms = rec.remaining_ms;
             h.expiring |= rec.expiring;
+            if h.expiring {
+                self.expiring.insert(id);
+            }
             return;
+        }
+        if rec.expiring {
+            self.expiring.insert(id);
         }
         let deadline = now + rec.initial();
         self.leases.insert(
@@ -250,6 +258,7 @@ impl Inner {
     }
 
     fn remove(&mut self, id: i64) {
+        self.expiring.remove(&id);
         if let Some(h) = self.leases.remove(&id) {
             self.due.remove(&(h.deadline, id));
         }
@@ -304,13 +313,7 @@ impl LeaseTable {
     }
 
     fn expiring_now(&self) -> Vec<i64> {
-        let inner = self.inner.lock();
-        inner
-            .leases
-            .iter()
-            .filter(|(_, h)| h.expiring)
-            .map(|(id, _)| *id)
-            .collect()
+        self.inner.lock().expiring.iter().copied().collect()
     }
 
     /// How many leases this store's timers hold.
@@ -848,11 +851,18 @@ impl LeaseTable {
     /// resolves it (the etcd layer does, for these).
     pub fn stuck(&self) -> Vec<i64> {
         let inner = self.inner.lock();
+        let now = Instant::now();
         inner
-            .leases
+            .due
             .iter()
-            .filter(|(_, h)| !h.expiring && h.mark_failures >= 3)
-            .map(|(id, _)| *id)
+            .take_while(|(d, _)| *d <= now)
+            .filter(|(_, id)| {
+                inner
+                    .leases
+                    .get(id)
+                    .is_some_and(|h| !h.expiring && h.mark_failures >= 3)
+            })
+            .map(|(_, id)| *id)
             .take(64)
             .collect()
     }
