@@ -12,6 +12,7 @@
 //! | [`maintenance`] | the Maintenance service: Status, Alarm, Defragment |
 //! | [`election`] | the Election service, and the campaign/wait/resign recipes it shares with Lock, on KV and Watch in process |
 //! | [`lock`] | the Lock service: Lock is a campaign with an empty value, Unlock a delete |
+//! | [`lease`] | the Lease service: sharded lease records, keep-alives to the owner of each, revoke and expiry in one transaction |
 //! | [`watch`] | the Watch service: sharded change feeds merged in revision order, shared by watchers of one range |
 //! | [`json`] | the gateway's JSON mapping (grpc-gateway v1 conventions) by proto reflection |
 //! | [`gateway`] | the HTTP routes: `POST /v3/...`, `GET /version`, `GET /health` |
@@ -31,6 +32,7 @@ pub mod gateway;
 pub mod header;
 pub mod json;
 pub mod kv;
+pub mod lease;
 pub mod lock;
 pub mod maintenance;
 pub mod server;
@@ -40,6 +42,7 @@ pub use cluster::ClusterService;
 pub use context::{DbSize, EtcdContext, LocalStore, RaftStatus, RocksLocalStore};
 pub use election::ElectionService;
 pub use kv::KvService;
+pub use lease::LeaseService;
 pub use lock::LockService;
 pub use maintenance::MaintenanceService;
 pub use server::{routes, EtcdServices};

@@ -8,11 +8,13 @@ use crate::context::EtcdContext;
 use crate::election::{ElectionService, Recipes};
 use crate::gateway;
 use crate::kv::KvService;
+use crate::lease::LeaseService;
 use crate::lock::LockService;
 use crate::maintenance::MaintenanceService;
 use crate::watch::WatchService;
 use atoll_proto::etcdserverpb::cluster_server::ClusterServer;
 use atoll_proto::etcdserverpb::kv_server::KvServer;
+use atoll_proto::etcdserverpb::lease_server::LeaseServer;
 use atoll_proto::etcdserverpb::maintenance_server::MaintenanceServer;
 use atoll_proto::etcdserverpb::watch_server::WatchServer;
 use atoll_proto::v3electionpb::election_server::ElectionServer;
@@ -37,17 +39,19 @@ pub struct EtcdServices {
     pub watch: Arc<WatchService>,
     pub election: Arc<ElectionService>,
     pub lock: Arc<LockService>,
+    pub lease: Arc<LeaseService>,
 }
 
 impl EtcdServices {
     pub fn new(ctx: &Arc<EtcdContext>) -> Self {
         let kv = Arc::new(KvService::new(ctx.clone()));
         let watch = Arc::new(WatchService::new(ctx.clone()));
-        // Election and Lock run on the KV and Watch services in process.
+        let lease = Arc::new(LeaseService::new(ctx.clone()));
+        // Election and Lock run on the KV, Watch and Lease services in process.
         let recipes = Arc::new(Recipes {
             kv: kv.clone(),
             watch: watch.clone(),
-            grant: None,
+            grant: Some(crate::election::grant_through(lease.clone())),
         });
         EtcdServices {
             kv,
@@ -56,6 +60,7 @@ impl EtcdServices {
             watch,
             election: Arc::new(ElectionService::new(ctx.clone(), recipes.clone())),
             lock: Arc::new(LockService::new(recipes)),
+            lease,
         }
     }
 
@@ -68,6 +73,7 @@ impl EtcdServices {
         )
         .add_service(ClusterServer::from_arc(self.cluster.clone()))
         .add_service(MaintenanceServer::from_arc(self.maintenance.clone()))
+        .add_service(LeaseServer::from_arc(self.lease.clone()))
         .add_service(
             WatchServer::from_arc(self.watch.clone())
                 .max_decoding_message_size(MAX_GRPC_MESSAGE)
@@ -84,6 +90,7 @@ impl EtcdServices {
             self.cluster.clone(),
             self.maintenance.clone(),
             self.watch.clone(),
+            self.lease.clone(),
         )
         .merge(gateway::election_routes(
             self.election.clone(),
