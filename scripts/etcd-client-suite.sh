@@ -54,8 +54,7 @@ TEST_ETCD_HTTP_URL=http://127.0.0.1:$store_port "$venv/bin/pytest" -p no:cachepr
   tests/test_client.py tests/test_exceptions.py tests/test_rtypes.py tests/test_utils.py \
   tests/integration/test_kv.py tests/integration/test_cluster.py \
   tests/integration/test_maintenance.py tests/integration/test_watch.py \
-  tests/integration/test_lease.py \
-  tests/integration/test_lock.py \
+  tests/integration/test_lease.py tests/integration/test_lock.py \
   --deselect tests/integration/test_maintenance.py::test_create_alarm_all_members \
   --deselect tests/integration/test_maintenance.py::test_create_alarm_specific_member \
   --deselect tests/integration/test_maintenance.py::test_list_alarms \

@@ -190,7 +190,7 @@ fn etcdctl_and_kvctl_locks_exclude_each_other() {
         )
     };
     let mut a = etcdctl_cmd(&endpoints);
-    a.args(["lock", "--ttl=5", "shared-lock", "/bin/sh", "-c"])
+    a.args(["lock", "--ttl=5", "shared-lock", "--", "/bin/sh", "-c"])
         .arg(hold("A", "ETCD_LOCK_KEY", "ETCD_LOCK_REV"));
     let mut a = Running::spawn(a, "etcdctl-lock-A");
     assert!(
@@ -220,7 +220,7 @@ fn etcdctl_and_kvctl_locks_exclude_each_other() {
     });
     assert!(queued, "B never queued: {:?}", b.lines());
     let mut cc = etcdctl_cmd(&endpoints);
-    cc.args(["lock", "--ttl=5", "shared-lock", "/bin/sh", "-c"])
+    cc.args(["lock", "--ttl=5", "shared-lock", "--", "/bin/sh", "-c"])
         .arg(hold("C", "ETCD_LOCK_KEY", "ETCD_LOCK_REV"));
     let mut cc = Running::spawn(cc, "etcdctl-lock-C");
     for p in [&mut a, &mut b, &mut cc] {
@@ -923,7 +923,27 @@ fn campaigns_and_locks_wait_for_older_keys() {
             })
             .await
         });
-        tokio::time::sleep(Duration::from_millis(1500)).await;
+        // The candidate's key appears (second under the prefix), and it waits.
+        let prefix_keys = |addr: String, p: &'static [u8], end: &'static [u8]| async move {
+            let mut kv = KvClient::new(channel(&addr));
+            kv.range(RangeRequest {
+                key: p.to_vec(),
+                range_end: end.to_vec(),
+                keys_only: true,
+                ..Default::default()
+            })
+            .await
+            .expect("range")
+            .into_inner()
+            .kvs
+            .len()
+        };
+        let queued = atoll_tests::wait_until_async(Duration::from_secs(20), || async {
+            prefix_keys(a2.clone(), b"w/", b"w0").await == 2
+        })
+        .await;
+        assert!(queued, "the candidate's key never appeared");
+        tokio::time::sleep(Duration::from_millis(1000)).await;
         assert!(!campaign.is_finished(), "elected while an older key exists");
         assert_eq!(leader_value(a0, b"w").await.unwrap(), b"p");
         let deleted = kv

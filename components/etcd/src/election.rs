@@ -32,12 +32,13 @@ use crate::kv::KvService;
 use crate::watch::WatchService;
 use atoll_proto::etcdserverpb::compare::{CompareResult, CompareTarget, TargetUnion};
 use atoll_proto::etcdserverpb::kv_server::Kv;
+use atoll_proto::etcdserverpb::lease_server::Lease;
 use atoll_proto::etcdserverpb::range_request::{SortOrder, SortTarget};
 use atoll_proto::etcdserverpb::watch_request::RequestUnion;
 use atoll_proto::etcdserverpb::{
-    request_op, response_op, Compare, DeleteRangeRequest, PutRequest, RangeRequest, RangeResponse,
-    RequestOp, ResponseHeader, TxnRequest, TxnResponse, WatchCreateRequest, WatchRequest,
-    WatchResponse,
+    request_op, response_op, Compare, DeleteRangeRequest, LeaseGrantRequest, PutRequest,
+    RangeRequest, RangeResponse, RequestOp, ResponseHeader, TxnRequest, TxnResponse,
+    WatchCreateRequest, WatchRequest, WatchResponse,
 };
 use atoll_proto::mvccpb::event::EventType;
 use atoll_proto::mvccpb::{Event, KeyValue};
@@ -102,6 +103,25 @@ fn lost_watcher() -> Status {
 /// Grants a lease of the given TTL in seconds and answers its id (the Lease service's Grant).
 pub type GrantFn =
     Arc<dyn Fn(i64) -> Pin<Box<dyn Future<Output = Result<i64, Status>> + Send>> + Send + Sync>;
+
+/// [`GrantFn`] through a Lease service in process.
+pub fn grant_through<L: Lease>(lease: Arc<L>) -> GrantFn {
+    Arc::new(move |ttl| {
+        let lease = lease.clone();
+        Box::pin(async move {
+            let r = Lease::lease_grant(
+                lease.as_ref(),
+                Request::new(LeaseGrantRequest { ttl, id: 0 }),
+            )
+            .await?
+            .into_inner();
+            if !r.error.is_empty() {
+                return Err(Status::new(Code::Unknown, r.error));
+            }
+            Ok(r.id)
+        })
+    })
+}
 
 /// A candidate's (or lock waiter's) key: `NAME/` and the lease in hex, as Go's `%x` writes an
 /// int64 (lowercase, a minus sign for a negative id).
@@ -203,8 +223,8 @@ pub struct Recipes {
     pub kv: Arc<KvService>,
     pub watch: Arc<WatchService>,
     /// The Lease service's Grant, for calls made with lease 0 (etcd's server grants such a
-    /// call a session lease of [`DEFAULT_SESSION_TTL`]). None: no Lease service; lease 0 is
-    /// then used as given (keys without a lease).
+    /// call a session lease of [`DEFAULT_SESSION_TTL`]). None (tests without a Lease
+    /// service): lease 0 is used as given, keys without a lease.
     pub grant: Option<GrantFn>,
 }
 

@@ -15,11 +15,11 @@
 //! | `/v3/cluster/member/{list,add,remove,update,promote}` | Cluster |
 //! | `/v3/maintenance/{status,alarm,defragment,hash,hashkv,transfer-leadership,downgrade}` | Maintenance |
 //! | `/v3/watch` | Watch: the body's requests in, one `{"result": ...}` line per response out |
-//! | `/v3/lease/{grant,revoke,timetolive,leases}` (and `/v3/kv/lease/{revoke,timetolive,leases}`) | Lease |
-//! | `/v3/lease/keepalive` | LeaseKeepAlive: one `{"result": ...}` line per request of the body |
 //! | `/v3/election/{campaign,proclaim,leader,resign}` | Election |
 //! | `/v3/election/observe` | Election's Observe: one `{"result": ...}` line per leader response |
 //! | `/v3/lock/{lock,unlock}` | Lock |
+//! | `/v3/lease/{grant,revoke,timetolive,leases}` (and `/v3/kv/lease/{revoke,timetolive,leases}`) | Lease |
+//! | `/v3/lease/keepalive` | LeaseKeepAlive: one `{"result": ...}` line per request of the body |
 //! | `GET /version` | `{"etcdserver":"3.5.17","etcdcluster":"3.5.0"}` |
 //! | `GET /health` | a linearizable range of one key through the KV service (`?serializable=true`: a serializable one) |
 

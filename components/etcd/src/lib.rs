@@ -10,9 +10,9 @@
 //! | [`kv`] | the KV service (Range, Put, DeleteRange, Txn, Compact) |
 //! | [`cluster`] | the Cluster service: members are the Up stores |
 //! | [`maintenance`] | the Maintenance service: Status, Alarm, Defragment |
-//! | [`lease`] | the Lease service: sharded lease records, keep-alives to the owner of each, revoke and expiry in one transaction |
 //! | [`election`] | the Election service, and the campaign/wait/resign recipes it shares with Lock, on KV and Watch in process |
 //! | [`lock`] | the Lock service: Lock is a campaign with an empty value, Unlock a delete |
+//! | [`lease`] | the Lease service: sharded lease records, keep-alives to the owner of each, revoke and expiry in one transaction |
 //! | [`watch`] | the Watch service: sharded change feeds merged in revision order, shared by watchers of one range |
 //! | [`json`] | the gateway's JSON mapping (grpc-gateway v1 conventions) by proto reflection |
 //! | [`gateway`] | the HTTP routes: `POST /v3/...`, `GET /version`, `GET /health` |

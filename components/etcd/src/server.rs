@@ -37,29 +37,30 @@ pub struct EtcdServices {
     pub cluster: Arc<ClusterService>,
     pub maintenance: Arc<MaintenanceService>,
     pub watch: Arc<WatchService>,
-    pub lease: Arc<LeaseService>,
     pub election: Arc<ElectionService>,
     pub lock: Arc<LockService>,
+    pub lease: Arc<LeaseService>,
 }
 
 impl EtcdServices {
     pub fn new(ctx: &Arc<EtcdContext>) -> Self {
         let kv = Arc::new(KvService::new(ctx.clone()));
         let watch = Arc::new(WatchService::new(ctx.clone()));
-        // Election and Lock run on the KV and Watch services in process.
+        let lease = Arc::new(LeaseService::new(ctx.clone()));
+        // Election and Lock run on the KV, Watch and Lease services in process.
         let recipes = Arc::new(Recipes {
             kv: kv.clone(),
             watch: watch.clone(),
-            grant: None,
+            grant: Some(crate::election::grant_through(lease.clone())),
         });
         EtcdServices {
             kv,
             cluster: Arc::new(ClusterService::new(ctx.clone())),
             maintenance: Arc::new(MaintenanceService::new(ctx.clone())),
             watch,
-            lease: Arc::new(LeaseService::new(ctx.clone())),
             election: Arc::new(ElectionService::new(ctx.clone(), recipes.clone())),
             lock: Arc::new(LockService::new(recipes)),
+            lease,
         }
     }
 
