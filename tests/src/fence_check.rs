@@ -132,6 +132,8 @@ pub struct Report {
     /// Pairs of terms whose local intervals (won..ended, entered..exited) overlapped in real
     /// time, every write fenced: allowed (a lapsed lease), counted for the report.
     pub fenced_overlaps: usize,
+    /// The first few of them, described.
+    pub overlap_examples: Vec<String>,
     pub final_counter: Option<i64>,
 }
 
@@ -169,6 +171,9 @@ impl Report {
 impl fmt::Display for Report {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "fence check: {}", self.summary())?;
+        for o in &self.overlap_examples {
+            writeln!(f, "  fenced overlap: {o}")?;
+        }
         for v in self.violations.iter().take(30) {
             writeln!(f, "  {v}")?;
         }
@@ -245,19 +250,27 @@ fn check_order(writes: &[&GuardedWrite], kind: Kind, out: &mut Vec<Violation>) {
     }
 }
 
-/// Pairs of intervals (from different terms) that overlap.
-fn overlaps(intervals: &mut [(Ns, Ns)]) -> usize {
+/// Pairs of intervals (from different terms) that overlap, and the first few, described.
+fn overlaps(intervals: &mut [(Ns, Ns, String)]) -> (usize, Vec<String>) {
     intervals.sort();
     let mut n = 0;
+    let mut shown = vec![];
     for i in 0..intervals.len() {
         for j in i + 1..intervals.len() {
             if intervals[j].0 >= intervals[i].1 {
                 break;
             }
             n += 1;
+            if shown.len() < 5 {
+                shown.push(format!("{} / {}", intervals[i].2, intervals[j].2));
+            }
         }
     }
-    n
+    (n, shown)
+}
+
+fn secs(t: Ns) -> String {
+    format!("{:.3}", t as f64 / 1e9)
 }
 
 pub fn check_election(h: &ElectionHistory) -> Report {
@@ -283,8 +296,41 @@ pub fn check_election(h: &ElectionHistory) -> Report {
             }
         }
     }
-    let mut iv: Vec<(Ns, Ns)> = h.leaderships.iter().map(|l| (l.won, l.ended)).collect();
-    r.fenced_overlaps = overlaps(&mut iv);
+    let mut outcomes: HashMap<(&str, u64), [usize; 3]> = HashMap::new();
+    for w in &h.writes {
+        let i = match w.outcome {
+            GuardOutcome::Wrote(_) => 0,
+            GuardOutcome::Refused => 1,
+            GuardOutcome::Unknown => 2,
+        };
+        outcomes.entry((w.actor.as_str(), w.term)).or_default()[i] += 1;
+    }
+    let mut iv: Vec<(Ns, Ns, String)> = h
+        .leaderships
+        .iter()
+        .map(|l| {
+            let o = outcomes
+                .get(&(l.actor.as_str(), l.term))
+                .copied()
+                .unwrap_or_default();
+            let d = format!(
+                "{} term {} fence {} campaign {}..{} s, led until {} s ({}; writes {} ok, {} \
+                 refused, {} unknown)",
+                l.actor,
+                l.term,
+                l.fence,
+                secs(l.campaign_sent),
+                secs(l.won),
+                secs(l.ended),
+                l.how,
+                o[0],
+                o[1],
+                o[2]
+            );
+            (l.won, l.ended, d)
+        })
+        .collect();
+    (r.fenced_overlaps, r.overlap_examples) = overlaps(&mut iv);
     r
 }
 
@@ -338,8 +384,24 @@ pub fn check_lock(h: &LockHistory) -> Report {
             });
         }
     }
-    let mut iv: Vec<(Ns, Ns)> = h.sections.iter().map(|s| (s.entered, s.exited)).collect();
-    r.fenced_overlaps = overlaps(&mut iv);
+    let mut iv: Vec<(Ns, Ns, String)> = h
+        .sections
+        .iter()
+        .map(|s| {
+            let d = format!(
+                "{} term {} fence {} held {}..{} s (lock sent {} s, write {:?})",
+                s.write.actor,
+                s.write.term,
+                s.write.fence,
+                secs(s.entered),
+                secs(s.exited),
+                secs(s.lock_sent),
+                s.write.outcome
+            );
+            (s.entered, s.exited, d)
+        })
+        .collect();
+    (r.fenced_overlaps, r.overlap_examples) = overlaps(&mut iv);
     r
 }
 

@@ -1107,6 +1107,10 @@ fn finish_leases(
     if let Some(s) = &watch_stalled {
         eprintln!("lease: the deletes watcher stalled: {s}");
     }
+    if let Ok(dir) = std::env::var("ATOLL_CHAOS_HISTORIES") {
+        let dump = std::path::Path::new(&dir).join("lease_history.json");
+        std::fs::write(&dump, serde_json::to_vec(&history).unwrap()).unwrap();
+    }
     if !report.is_ok() || report.unjudged > 0 {
         let dump = c.path().join("lease_history.json");
         std::fs::write(&dump, serde_json::to_vec(&history).unwrap()).unwrap();
@@ -1147,9 +1151,13 @@ fn finish_fences(
     let er = fence_check::check_election(&election);
     let lr = fence_check::check_lock(&lock);
     eprintln!("election {er}lock {lr}");
+    let v = serde_json::json!({ "election": election, "lock": lock });
+    if let Ok(dir) = std::env::var("ATOLL_CHAOS_HISTORIES") {
+        let dump = std::path::Path::new(&dir).join("fence_history.json");
+        std::fs::write(&dump, serde_json::to_vec(&v).unwrap()).unwrap();
+    }
     if !er.is_ok() || !lr.is_ok() {
         let dump = c.path().join("fence_history.json");
-        let v = serde_json::json!({ "election": election, "lock": lock });
         std::fs::write(&dump, serde_json::to_vec(&v).unwrap()).unwrap();
         eprintln!(
             "election and lock history written to {} (kept)",
