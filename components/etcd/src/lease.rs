@@ -46,6 +46,8 @@ pub const MAX_LEASE_TTL: i64 = 9_000_000_000;
 pub const MIN_LEASE_TTL: i64 = 2;
 /// Keep-alives of one stream in flight at once.
 const KEEPALIVE_CONCURRENCY: usize = 256;
+/// Ranges one fetch reads at once (a revoke reads every key of its lease).
+const FETCH_CONCURRENCY: usize = 32;
 /// Revocations of expired leases in flight at once, per store.
 const REVOKE_CONCURRENCY: usize = 32;
 
@@ -331,18 +333,33 @@ pub(crate) async fn fetch_ranges(
     own: u64,
 ) -> Result<BTreeMap<Vec<u8>, KeyValue>, Status> {
     let mut out = BTreeMap::new();
-    for (s, e) in ranges {
-        let bypass = if own == 0 { vec![] } else { vec![own] };
-        let (kvs, _) = ctx
-            .client
-            .etcd_range_bypassing(s, e, ts, 0, false, false, bypass)
-            .await
-            .map_err(client_error)?;
-        for kv in kvs {
-            out.insert(kv.key.clone(), kv);
+    for chunk in ranges.chunks(FETCH_CONCURRENCY) {
+        let mut reads = Vec::with_capacity(chunk.len());
+        for (s, e) in chunk {
+            reads.push(fetch_one(ctx, s, e, ts, own));
+        }
+        for r in futures::future::join_all(reads).await {
+            for kv in r.map_err(client_error)? {
+                out.insert(kv.key.clone(), kv);
+            }
         }
     }
     Ok(out)
+}
+
+async fn fetch_one(
+    ctx: &EtcdContext,
+    start: &[u8],
+    end: &[u8],
+    ts: u64,
+    own: u64,
+) -> Result<Vec<KeyValue>, atoll_client::Error> {
+    let bypass = if own == 0 { vec![] } else { vec![own] };
+    let (kvs, _) = ctx
+        .client
+        .etcd_range_bypassing(start, end, ts, 0, false, false, bypass)
+        .await?;
+    Ok(kvs)
 }
 
 /// The keys attached to lease `id` at `ts`: those its entries name that still carry it.
