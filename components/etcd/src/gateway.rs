@@ -205,32 +205,7 @@ async fn observe_stream(req: Request, election: &ElectionService) -> Response {
         Err(e) => return error_response(&Status::invalid_argument(e.0)),
     };
     let rx = election.serve_observe(request);
-    streaming_lines(tokio_stream::wrappers::ReceiverStream::new(rx))
-}
-
-/// A streaming answer: one JSON line per message, `{"result": MSG}`, or the error body.
-fn streaming_lines<M, S>(stream: S) -> Response
-where
-    M: JsonMessage,
-    S: tokio_stream::Stream<Item = Result<M, Status>> + Send + 'static,
-{
-    let lines = stream.map(|r| {
-        let mut line = match r {
-            Ok(resp) => match json::to_json(&resp) {
-                Ok(body) => [b"{\"result\":".as_slice(), &body, b"}"].concat(),
-                Err(e) => error_body(&Status::internal(e.0)),
-            },
-            Err(status) => error_body(&status),
-        };
-        line.push(b'\n');
-        Ok::<_, std::convert::Infallible>(line)
-    });
-    let mut r = Response::new(Body::from_stream(lines));
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    r
+    stream_response(tokio_stream::wrappers::ReceiverStream::new(rx))
 }
 
 /// A route that answers GET with `handler` and other methods with 405, as etcd's
