@@ -4,16 +4,15 @@
 # Installs what it needs into target/etcd-client-suite (a Python venv: aetcd 1.0.0, grpcio,
 # protobuf, pytest) on first use. Needs etcdctl (scripts/ensure-deps.sh installs it).
 #
-# Served: everything outside watch, lease, lock and auth (the next issues). Deselected, with
-# the reason (docs/etcd.md):
-#   test_kv.py::test_replace_with_lease_success   grants a lease (not served yet)
+# Served: everything outside lock and auth (the next issues). Deselected, with the reason
+# (docs/etcd.md):
 #   test_maintenance.py::test_*alarm*             Atoll raises no alarms and answers none, also
 #                                                 to ACTIVATE (docs/etcd.md, Maintenance)
 #   test_maintenance.py::test_hash                Hash is Unimplemented (no single backend)
 #   test_maintenance.py::test_snapshot            Snapshot is Unimplemented (no member holds
 #                                                 every region)
 # and the suite itself skips two tests that need its own pifpaf cluster (--with-cluster).
-# test_watcher.py, test_lease.py, test_lock.py, test_auth.py, test_watch.py are not run.
+# test_lock.py and test_auth.py are not run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -55,7 +54,7 @@ TEST_ETCD_HTTP_URL=http://127.0.0.1:$store_port "$venv/bin/pytest" -p no:cachepr
   tests/test_client.py tests/test_exceptions.py tests/test_rtypes.py tests/test_utils.py \
   tests/integration/test_kv.py tests/integration/test_cluster.py \
   tests/integration/test_maintenance.py tests/integration/test_watch.py \
-  --deselect tests/integration/test_kv.py::test_replace_with_lease_success \
+  tests/integration/test_lease.py \
   --deselect tests/integration/test_maintenance.py::test_create_alarm_all_members \
   --deselect tests/integration/test_maintenance.py::test_create_alarm_specific_member \
   --deselect tests/integration/test_maintenance.py::test_list_alarms \

@@ -201,6 +201,9 @@ impl Node {
         tasks.push(tokio::spawn(
             storage.clone().run_background(stop_rx.clone()),
         ));
+        tasks.push(tokio::spawn(
+            storage.clone().run_lease_timers(stop_rx.clone()),
+        ));
 
         let kv = KvServer::new(KvService::new(storage.clone()))
             .max_decoding_message_size(64 << 20)
@@ -222,6 +225,12 @@ impl Node {
         // The etcd layer's requests for regions this store leads go straight to its own KV
         // service, not through a socket to itself.
         etcd.client.serve_locally(&cfg.advertise(&addr), kv.clone());
+        // Expired leases of the lease records this store leads are revoked from here.
+        tasks.push(tokio::spawn(atoll_etcd::lease::run_expiry(
+            etcd.clone(),
+            storage.lease_table().clone(),
+            stop_rx.clone(),
+        )));
         let mut grpc = tonic::service::RoutesBuilder::default();
         grpc.add_service(kv).add_service(raft);
         let routes = atoll_etcd::routes(&etcd, grpc);

@@ -65,6 +65,8 @@ kv_service! {
     etcd_txn(EtcdTxnRequest) -> EtcdTxnResponse;
     gc_wait(GcWaitRequest) -> GcWaitResponse;
     split_region(SplitRegionRequest) -> SplitRegionResponse;
+    lease_keep_alive(LeaseKeepAliveRequest) -> LeaseKeepAliveResponse;
+    lease_time_to_live(LeaseTimeToLiveRequest) -> LeaseTimeToLiveResponse;
     }
     unadmitted {
         kv_changes(ChangesRequest) -> ChangesResponse;

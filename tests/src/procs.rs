@@ -598,3 +598,16 @@ pub fn metric_sum(status_addr: &str, name: &str) -> Option<f64> {
     }
     Some(sum)
 }
+
+/// `etcdctl` 3.4 (Debian's etcd-client; `scripts/ensure-deps.sh` installs it) against
+/// `endpoints`, with the v3 API and bounded timeouts.
+pub fn etcdctl(endpoints: &str, args: &[&str]) -> Output {
+    Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .arg(format!("--endpoints={endpoints}"))
+        .arg("--dial-timeout=5s")
+        .arg("--command-timeout=15s")
+        .args(args)
+        .output()
+        .expect("run etcdctl (Debian package etcd-client: scripts/ensure-deps.sh installs it)")
+}

@@ -1,23 +1,12 @@
 //! etcd's API on real processes: `etcdctl` (3.4, Debian's etcd-client; `scripts/ensure-deps.sh`
 //! installs it) over gRPC, and the HTTP/JSON gateway on the same ports (issue: the etcd API).
 
-use atoll_tests::procs::{http, regions_healthy, ClusterOpts, ProcCluster};
+use atoll_tests::procs::{etcdctl, http, regions_healthy, ClusterOpts, ProcCluster};
 use atoll_tests::wait_until;
 use serde_json::Value;
 use std::collections::BTreeSet;
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::Duration;
-
-fn etcdctl(endpoints: &str, args: &[&str]) -> Output {
-    Command::new("etcdctl")
-        .env("ETCDCTL_API", "3")
-        .arg(format!("--endpoints={endpoints}"))
-        .arg("--dial-timeout=5s")
-        .arg("--command-timeout=15s")
-        .args(args)
-        .output()
-        .expect("run etcdctl (Debian package etcd-client: scripts/ensure-deps.sh installs it)")
-}
 
 /// `etcdctl ARGS -w json`, parsed; the error output if it fails.
 fn etcdctl_json(endpoints: &str, args: &[&str]) -> Result<Value, String> {

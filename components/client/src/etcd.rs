@@ -260,3 +260,86 @@ impl Client {
         })
     }
 }
+
+/// What the owner of a lease's timer says of it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LeaseTtl {
+    /// The TTL granted, in seconds.
+    pub granted: i64,
+    /// Until the owner expires it, in ms, as of the answer.
+    pub remaining_ms: i64,
+}
+
+impl Client {
+    /// Keep-alive of etcd leases, given as (record key, id): each is renewed by the leader of
+    /// its record's region (one call per region, all at once); the answer is (id, TTL it has
+    /// again) for each, TTL 0 for a lease that does not exist (or is expiring). Region errors
+    /// — a stale map, a split, a new leader still loading its timers — are retried here.
+    pub async fn lease_keep_alive(&self, items: &[(Vec<u8>, i64)]) -> Result<Vec<(i64, i64)>> {
+        let deadline = self.deadline();
+        let mut pending: Vec<(Vec<u8>, i64)> = items.to_vec();
+        let mut out = Vec::with_capacity(items.len());
+        while !pending.is_empty() {
+            if std::time::Instant::now() >= deadline {
+                return Err(Error::Timeout(self.cfg.timeout, "lease keep-alive".into()));
+            }
+            let mut groups: std::collections::HashMap<u64, Vec<(Vec<u8>, i64)>> =
+                std::collections::HashMap::new();
+            for (k, id) in pending.drain(..) {
+                let r = self.cache.locate(&k).await?;
+                groups.entry(r.region.id).or_default().push((k, id));
+            }
+            let calls = groups.into_values().map(|group| async move {
+                // What the last attempt sent: the part of the group in the region it reached.
+                let sent = parking_lot::Mutex::new(vec![]);
+                let r = self
+                    .call(Locate::Key(&group[0].0), deadline, |mut c, ctx, region| {
+                        let ids: Vec<i64> = group
+                            .iter()
+                            .filter(|(k, _)| region.contains(k))
+                            .map(|(_, id)| *id)
+                            .collect();
+                        *sent.lock() = ids.clone();
+                        let req = kvrpcpb::LeaseKeepAliveRequest {
+                            context: Some(ctx),
+                            ids,
+                        };
+                        async move { c.lease_keep_alive(req).await }
+                    })
+                    .await;
+                (group, sent.into_inner(), r)
+            });
+            for (group, sent, r) in futures::future::join_all(calls).await {
+                let (_, resp) = r?;
+                if let Some(e) = resp.error {
+                    return Err(crate::errors::key_error(e));
+                }
+                out.extend(sent.iter().copied().zip(resp.ttls.iter().copied()));
+                pending.extend(group.into_iter().filter(|(_, id)| !sent.contains(id)));
+            }
+        }
+        Ok(out)
+    }
+
+    /// A lease's granted TTL and remaining time from the owner of its timer (`None`: no such
+    /// lease, or it is expiring).
+    pub async fn lease_time_to_live(&self, record_key: &[u8], id: i64) -> Result<Option<LeaseTtl>> {
+        let deadline = self.deadline();
+        let (_, resp) = self
+            .call(Locate::Key(record_key), deadline, |mut c, ctx, _| {
+                let req = kvrpcpb::LeaseTimeToLiveRequest {
+                    context: Some(ctx),
+                    id,
+                };
+                async move { c.lease_time_to_live(req).await }
+            })
+            .await?;
+        if let Some(e) = resp.error {
+            return Err(crate::errors::key_error(e));
+        }
+        Ok(resp.found.then_some(LeaseTtl {
+            granted: resp.granted_ttl,
+            remaining_ms: resp.remaining_ms,
+        }))
+    }
+}

@@ -109,7 +109,9 @@ region_response!(
     kvrpcpb::EtcdRangeResponse,
     kvrpcpb::EtcdTxnResponse,
     kvrpcpb::ChangesResponse,
-    kvrpcpb::SplitRegionResponse
+    kvrpcpb::SplitRegionResponse,
+    kvrpcpb::LeaseKeepAliveResponse,
+    kvrpcpb::LeaseTimeToLiveResponse
 );
 
 /// A pool of unique timestamps for plain writes' start timestamps (prefetched in blocks:
@@ -408,7 +410,21 @@ impl Client {
 
     // ---------------- validation ----------------
 
+    /// A key of the user key space within the size limit (the system key space,
+    /// `atoll_keys::SYSTEM_PREFIX` and up, holds Atoll's own records: no API writes it).
     pub(crate) fn check_key(&self, key: &[u8]) -> Result<()> {
+        if atoll_keys::is_system_key(key) {
+            return Err(Error::InvalidArgument(format!(
+                "key {} is in the reserved key space (from {} up)",
+                atoll_util::hex::display(key),
+                atoll_util::hex::display(atoll_keys::SYSTEM_PREFIX)
+            )));
+        }
+        self.check_key_size(key)
+    }
+
+    /// A key within the size limit, user or system.
+    pub(crate) fn check_key_size(&self, key: &[u8]) -> Result<()> {
         if key.is_empty() {
             return Err(Error::InvalidArgument("key must not be empty".into()));
         }
@@ -647,6 +663,8 @@ impl Client {
         version: u64,
     ) -> Result<Vec<KvPair>> {
         Self::check_range(start, end)?;
+        // The user key space only.
+        let end: &[u8] = &atoll_keys::user_range_end(end);
         let deadline = self.deadline();
         let mut out: Vec<KvPair> = vec![];
         let mut backoff = self.backoff(deadline);
@@ -874,6 +892,11 @@ impl Client {
     /// Deletes every key in `[start, end)`, region by region, in bounded batches.
     pub async fn delete_range(&self, start: &[u8], end: &[u8]) -> Result<u64> {
         Self::check_range(start, end)?;
+        // The user key space only.
+        let end: &[u8] = &atoll_keys::user_range_end(end);
+        if start >= end {
+            return Ok(0);
+        }
         let deadline = self.deadline();
         let mut cursor = start.to_vec();
         let mut deleted = 0u64;
@@ -1011,7 +1034,7 @@ impl Client {
         sorted.sort();
         sorted.dedup();
         for k in &sorted {
-            self.check_key(k)?;
+            self.check_key_size(k)?;
         }
         let deadline = self.deadline();
         let mut out = vec![];

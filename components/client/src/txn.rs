@@ -52,6 +52,10 @@ pub struct Transaction {
     start_ts: u64,
     opts: TxnOptions,
     buffer: BTreeMap<Vec<u8>, Buffered>,
+    /// etcd leases of buffered puts (keys absent: no lease).
+    leases: BTreeMap<Vec<u8>, i64>,
+    /// May write the system key space (the etcd layer's lease records).
+    system: bool,
     /// Keys holding this transaction's pessimistic locks.
     pessimistic_keys: Vec<Vec<u8>>,
     primary: Option<Vec<u8>>,
@@ -70,6 +74,8 @@ impl Client {
             start_ts,
             opts,
             buffer: BTreeMap::new(),
+            leases: BTreeMap::new(),
+            system: false,
             pessimistic_keys: vec![],
             primary: None,
             done: false,
@@ -77,22 +83,25 @@ impl Client {
     }
 }
 
-fn mutation(key: &[u8], b: &Buffered) -> kvrpcpb::Mutation {
+fn mutation(key: &[u8], b: &Buffered, lease: i64) -> kvrpcpb::Mutation {
     match b {
         Buffered::Put(v) => kvrpcpb::Mutation {
             op: kvrpcpb::Op::Put as i32,
             key: key.to_vec(),
             value: v.clone(),
+            lease,
         },
         Buffered::Delete => kvrpcpb::Mutation {
             op: kvrpcpb::Op::Del as i32,
             key: key.to_vec(),
             value: vec![],
+            lease: 0,
         },
         Buffered::Lock => kvrpcpb::Mutation {
             op: kvrpcpb::Op::Lock as i32,
             key: key.to_vec(),
             value: vec![],
+            lease: 0,
         },
     }
 }
@@ -160,14 +169,40 @@ impl Transaction {
     }
 
     pub fn put(&mut self, key: Vec<u8>, value: Vec<u8>) -> Result<()> {
-        self.client.check_key(&key)?;
+        self.put_with_lease(key, value, 0)
+    }
+
+    /// Lets this transaction write the system key space (`atoll_keys::SYSTEM_PREFIX` and up),
+    /// where the etcd layer keeps its lease records. Not for applications.
+    pub fn allow_system_keys(&mut self) {
+        self.system = true;
+    }
+
+    fn check_key(&self, key: &[u8]) -> Result<()> {
+        if self.system {
+            self.client.check_key_size(key)
+        } else {
+            self.client.check_key(key)
+        }
+    }
+
+    /// A put that attaches the key to etcd lease `lease` (0: none) when it commits (the etcd
+    /// layer keeps the lease's records; this only carries the id with the key).
+    pub fn put_with_lease(&mut self, key: Vec<u8>, value: Vec<u8>, lease: i64) -> Result<()> {
+        self.check_key(&key)?;
         self.client.check_value(&value)?;
+        if lease != 0 {
+            self.leases.insert(key.clone(), lease);
+        } else {
+            self.leases.remove(&key);
+        }
         self.buffer.insert(key, Buffered::Put(value));
         Ok(())
     }
 
     pub fn delete(&mut self, key: Vec<u8>) -> Result<()> {
-        self.client.check_key(&key)?;
+        self.check_key(&key)?;
+        self.leases.remove(&key);
         self.buffer.insert(key, Buffered::Delete);
         Ok(())
     }
@@ -196,6 +231,7 @@ impl Transaction {
                             op: kvrpcpb::Op::PessimisticLock as i32,
                             key: key.to_vec(),
                             value: vec![],
+                            lease: 0,
                         }],
                         primary_lock: primary.clone(),
                         start_version: self.start_ts,
@@ -247,8 +283,11 @@ impl Transaction {
     /// need to observe a transaction between its phases.
     pub async fn prewrite(&mut self) -> Result<Option<u64>> {
         self.done = true;
-        let muts: Vec<kvrpcpb::Mutation> =
-            self.buffer.iter().map(|(k, b)| mutation(k, b)).collect();
+        let muts: Vec<kvrpcpb::Mutation> = self
+            .buffer
+            .iter()
+            .map(|(k, b)| mutation(k, b, self.leases.get(k).copied().unwrap_or(0)))
+            .collect();
         if muts.is_empty() {
             return Ok(Some(self.start_ts));
         }

@@ -15,16 +15,20 @@
 //! | `/v3/cluster/member/{list,add,remove,update,promote}` | Cluster |
 //! | `/v3/maintenance/{status,alarm,defragment,hash,hashkv,transfer-leadership,downgrade}` | Maintenance |
 //! | `/v3/watch` | Watch: the body's requests in, one `{"result": ...}` line per response out |
+//! | `/v3/lease/{grant,revoke,timetolive,leases}` (and `/v3/kv/lease/{revoke,timetolive,leases}`) | Lease |
+//! | `/v3/lease/keepalive` | LeaseKeepAlive: one `{"result": ...}` line per request of the body |
 //! | `GET /version` | `{"etcdserver":"3.5.17","etcdcluster":"3.5.0"}` |
 //! | `GET /health` | a linearizable range of one key through the KV service (`?serializable=true`: a serializable one) |
 
 use crate::errors;
 use crate::json::{self, JsonMessage};
+use crate::lease::LeaseService;
 use crate::watch::WatchService;
 use atoll_proto::etcdserverpb::cluster_server::Cluster;
 use atoll_proto::etcdserverpb::kv_server::Kv;
+use atoll_proto::etcdserverpb::lease_server::Lease;
 use atoll_proto::etcdserverpb::maintenance_server::Maintenance;
-use atoll_proto::etcdserverpb::{RangeRequest, WatchRequest};
+use atoll_proto::etcdserverpb::{LeaseKeepAliveRequest, RangeRequest, WatchRequest};
 use axum::body::Body;
 use axum::extract::Request;
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
@@ -51,6 +55,7 @@ pub fn router<K, C, M>(
     cluster: Arc<C>,
     maintenance: Arc<M>,
     watch: Arc<WatchService>,
+    lease: Arc<LeaseService>,
 ) -> Router
 where
     K: Kv,
@@ -103,6 +108,21 @@ where
             })
             .fallback(method_not_allowed),
         )
+        .route("/v3/lease/grant", unary!(lease, lease_grant))
+        .route("/v3/lease/revoke", unary!(lease, lease_revoke))
+        .route("/v3/kv/lease/revoke", unary!(lease, lease_revoke))
+        .route("/v3/lease/timetolive", unary!(lease, lease_time_to_live))
+        .route("/v3/kv/lease/timetolive", unary!(lease, lease_time_to_live))
+        .route("/v3/lease/leases", unary!(lease, lease_leases))
+        .route("/v3/kv/lease/leases", unary!(lease, lease_leases))
+        .route("/v3/lease/keepalive", {
+            let lease = lease.clone();
+            post(move |req: Request| {
+                let lease = lease.clone();
+                async move { keep_alive_stream(req, &lease).await }
+            })
+            .fallback(method_not_allowed)
+        })
         .route("/version", get_only(|_req: Request| async { version() }))
         .route(
             "/health",
@@ -170,31 +190,35 @@ where
     }
 }
 
-/// `POST /v3/watch`: the body holds watch requests (JSON objects, one after another, as
-/// grpc-gateway reads a client stream); the answer streams each watch response as one line
-/// `{"result": ...}`, as etcd's gateway does, until the client goes away.
-async fn watch_stream(req: Request, watch: &WatchService) -> Response {
-    let bytes = match axum::body::to_bytes(req.into_body(), MAX_BODY).await {
-        Ok(b) => b,
-        Err(e) => return error_response(&Status::invalid_argument(e.to_string())),
-    };
+/// The JSON objects of a request body (one after another, as grpc-gateway reads a client
+/// stream), each parsed as a `Req`; the empty body is one empty request.
+async fn stream_requests<Req: JsonMessage>(req: Request) -> Result<Vec<Req>, Status> {
+    let bytes = axum::body::to_bytes(req.into_body(), MAX_BODY)
+        .await
+        .map_err(|e| Status::invalid_argument(e.to_string()))?;
     let mut requests = vec![];
-    let mut values = serde_json::Deserializer::from_slice(&bytes).into_iter::<serde_json::Value>();
-    for v in values.by_ref() {
+    let values = serde_json::Deserializer::from_slice(&bytes).into_iter::<serde_json::Value>();
+    for v in values {
         let parsed = v
             .map_err(|e| e.to_string())
-            .and_then(|v| json::from_json(v.to_string().as_bytes()).map_err(|e| e.0));
-        match parsed {
-            Ok(r) => requests.push(Ok(r)),
-            Err(e) => return error_response(&Status::invalid_argument(e)),
-        }
+            .and_then(|v| json::from_json(v.to_string().as_bytes()).map_err(|e| e.0))
+            .map_err(Status::invalid_argument)?;
+        requests.push(parsed);
     }
     if requests.is_empty() {
-        requests.push(Ok(WatchRequest::default()));
+        requests.push(Req::default());
     }
-    let inbound = tokio_stream::iter(requests).chain(tokio_stream::pending());
-    let rx = watch.serve(inbound);
-    let lines = tokio_stream::wrappers::ReceiverStream::new(rx).map(|r| {
+    Ok(requests)
+}
+
+/// A streamed answer: one line `{"result": ...}` per message (an error as its error body), as
+/// etcd's gateway writes a server stream.
+fn stream_response<Resp, S>(answers: S) -> Response
+where
+    Resp: JsonMessage,
+    S: tokio_stream::Stream<Item = Result<Resp, Status>> + Send + 'static,
+{
+    let lines = answers.map(|r| {
         let mut line = match r {
             Ok(resp) => match json::to_json(&resp) {
                 Ok(body) => [b"{\"result\":".as_slice(), &body, b"}"].concat(),
@@ -211,6 +235,28 @@ async fn watch_stream(req: Request, watch: &WatchService) -> Response {
         HeaderValue::from_static("application/json"),
     );
     r
+}
+
+/// `POST /v3/watch`: the body holds watch requests; the answer streams each watch response
+/// as one line `{"result": ...}`, as etcd's gateway does, until the client goes away.
+async fn watch_stream(req: Request, watch: &WatchService) -> Response {
+    let requests = match stream_requests::<WatchRequest>(req).await {
+        Ok(r) => r,
+        Err(status) => return error_response(&status),
+    };
+    let inbound = tokio_stream::iter(requests.into_iter().map(Ok)).chain(tokio_stream::pending());
+    let rx = watch.serve(inbound);
+    stream_response(tokio_stream::wrappers::ReceiverStream::new(rx))
+}
+
+/// `POST /v3/lease/keepalive`: each keep-alive request of the body answered by one line
+/// `{"result": ...}`; the answer ends with the requests.
+async fn keep_alive_stream(req: Request, lease: &LeaseService) -> Response {
+    let requests = match stream_requests::<LeaseKeepAliveRequest>(req).await {
+        Ok(r) => r,
+        Err(status) => return error_response(&status),
+    };
+    stream_response(lease.keep_alive_stream(tokio_stream::iter(requests.into_iter().map(Ok))))
 }
 
 /// Headers grpc-gateway passes on as metadata: `Authorization` (as `authorization`) and

@@ -71,6 +71,14 @@ pub(crate) fn client_error(e: atoll_client::Error) -> Status {
     }
 }
 
+/// A user request naming a key of the system key space (Atoll's own records).
+fn reserved_key() -> Status {
+    errors::atoll(
+        Code::InvalidArgument,
+        "key is in the reserved key space (from \"\\xff\\xff\\xff\\xffatoll/\" up)",
+    )
+}
+
 fn check_size(m: &impl Message) -> Result<(), Status> {
     if m.encoded_len() > MAX_REQUEST_BYTES {
         return Err(errors::request_too_large());
@@ -119,6 +127,9 @@ impl KvService {
     fn check_limits(&self, t: &TxnRequest) -> Result<(), Status> {
         let cfg = self.ctx.client.config();
         let key = |k: &[u8]| {
+            if atoll_keys::is_system_key(k) {
+                return Err(reserved_key());
+            }
             if k.len() > cfg.max_key_size {
                 return Err(errors::atoll(
                     Code::InvalidArgument,
@@ -149,6 +160,10 @@ impl KvService {
                         ));
                     }
                 }
+                // A range from a system key is empty (cut at the system key space); the key
+                // alone is refused.
+                Some(request_op::Request::RequestRange(r))
+                    if !r.range_end.is_empty() && atoll_keys::is_system_key(&r.key) => {}
                 Some(request_op::Request::RequestRange(r)) => key(&r.key)?,
                 Some(request_op::Request::RequestDeleteRange(d)) => key(&d.key)?,
                 Some(request_op::Request::RequestTxn(t)) => self.check_limits(t)?,
@@ -175,6 +190,12 @@ impl KvService {
             // Only empty ranges written: nothing can be written.
             return self.read_only_txn(&txn).await;
         };
+        let mut leases = vec![];
+        crate::lease::put_leases(&txn, &mut leases);
+        if !leases.is_empty() {
+            // The lease's record and attachment entries are elsewhere: a transaction.
+            return self.multi_region_txn(&txn, &reads, &writes, &leases).await;
+        }
         let id = self.ctx.client.write_id().await.map_err(client_error)?;
         match self
             .ctx
@@ -185,7 +206,7 @@ impl KvService {
         {
             EtcdTxnOutcome::Done(t) => Ok(t),
             EtcdTxnOutcome::Refused(e) => Err(Status::new(Code::from(e.code as i32), e.message)),
-            EtcdTxnOutcome::SpansRegions => self.multi_region_txn(&txn, &reads, &writes).await,
+            EtcdTxnOutcome::SpansRegions => self.multi_region_txn(&txn, &reads, &writes, &[]).await,
         }
     }
 
@@ -196,21 +217,12 @@ impl KvService {
         ts: u64,
         own: u64,
     ) -> Result<BTreeMap<Vec<u8>, KeyValue>, Status> {
-        let mut out = BTreeMap::new();
-        for r in ranges.iter().filter(|r| !r.is_empty()) {
-            let (s, e) = r.bounds();
-            let bypass = if own == 0 { vec![] } else { vec![own] };
-            let (kvs, _) = self
-                .ctx
-                .client
-                .etcd_range_bypassing(&s, &e, ts, 0, false, false, bypass)
-                .await
-                .map_err(client_error)?;
-            for kv in kvs {
-                out.insert(kv.key.clone(), kv);
-            }
-        }
-        Ok(out)
+        let bounds: Vec<(Vec<u8>, Vec<u8>)> = ranges
+            .iter()
+            .filter(|r| !r.is_empty())
+            .map(|r| r.bounds())
+            .collect();
+        crate::lease::fetch_ranges(&self.ctx, &bounds, ts, own).await
     }
 
     /// A txn that writes keys of several regions: a Percolator transaction made serializable.
@@ -221,14 +233,31 @@ impl KvService {
     /// txn starts over). The reads at the commit timestamp hold off later one-phase commits
     /// below it and meet the locks of two-phase ones, so nothing it read changes between its
     /// decision and its revision: the commit timestamp.
+    ///
+    /// `leases`: the leases its puts attach keys to. Their records are read with the rest (a
+    /// lease that does not exist or is expiring refuses the txn; one revoked or expiring by
+    /// the commit timestamp starts it over), and each leased put also writes the key's
+    /// attachment entry (lease.rs).
     async fn multi_region_txn(
         &self,
         txn: &TxnRequest,
         reads: &[KeyRange],
         writes: &[KeyRange],
+        leases: &[i64],
     ) -> Result<TxnResponse, Status> {
         let client = &self.ctx.client;
-        let all: Vec<&KeyRange> = reads.iter().chain(writes.iter()).collect();
+        let records: Vec<KeyRange> = leases
+            .iter()
+            .map(|id| {
+                let (s, _) = crate::lease::record_range(*id);
+                KeyRange::single(&s)
+            })
+            .collect();
+        let all: Vec<&KeyRange> = reads
+            .iter()
+            .chain(writes.iter())
+            .chain(records.iter())
+            .collect();
         let deadline = std::time::Instant::now() + client.config().timeout;
         let mut attempt = 0u32;
         loop {
@@ -241,13 +270,18 @@ impl KvService {
                 ..Default::default()
             };
             let mut t = client.begin_with(opts).await.map_err(client_error)?;
+            if !leases.is_empty() {
+                // The attachment entries are system keys.
+                t.allow_system_keys();
+            }
             let start = t.start_ts();
             let seen = self.fetch(&all, start, 0).await?;
             let mut view = FetchedView::default();
             for kv in seen.values() {
                 view.insert(kv.clone());
             }
-            let decided = match eval::execute_txn(&mut view, txn, 0, &|_| false) {
+            let live = |id: i64| crate::lease::lease_live(&seen, id);
+            let decided = match eval::execute_txn(&mut view, txn, 0, &live) {
                 Ok(Ok(d)) => d,
                 Ok(Err(e)) => return Err(status(e)),
                 Err(_) => {
@@ -265,10 +299,14 @@ impl KvService {
             }
             for w in &decided.writes {
                 let r = match &w.value {
-                    Some(v) => t.put(w.key.clone(), v.clone()),
+                    Some(v) => t.put_with_lease(w.key.clone(), v.clone(), w.lease),
                     None => t.delete(w.key.clone()),
                 };
                 r.map_err(client_error)?;
+                if w.value.is_some() && leases.contains(&w.lease) {
+                    t.put_with_lease(crate::lease::attachment(w.lease, &w.key), vec![], 0)
+                        .map_err(client_error)?;
+                }
             }
             match t.prewrite().await {
                 Ok(_) => {}
@@ -299,7 +337,8 @@ impl KvService {
             for kv in seen.values() {
                 view.insert(kv.clone());
             }
-            let mut resp = match eval::execute_txn(&mut view, txn, commit_ts as i64, &|_| false) {
+            let live = |id: i64| crate::lease::lease_live(seen, id);
+            let mut resp = match eval::execute_txn(&mut view, txn, commit_ts as i64, &live) {
                 Ok(Ok(d)) => d.resp,
                 _ => {
                     return Err(errors::atoll(
@@ -378,7 +417,10 @@ fn fill_nested(t: &mut TxnResponse, revision: i64) {
 }
 
 /// Whether two reads saw the same versions of the same keys.
-fn same_versions(a: &BTreeMap<Vec<u8>, KeyValue>, b: &BTreeMap<Vec<u8>, KeyValue>) -> bool {
+pub(crate) fn same_versions(
+    a: &BTreeMap<Vec<u8>, KeyValue>,
+    b: &BTreeMap<Vec<u8>, KeyValue>,
+) -> bool {
     a.len() == b.len()
         && a.iter()
             .zip(b.iter())
@@ -386,7 +428,7 @@ fn same_versions(a: &BTreeMap<Vec<u8>, KeyValue>, b: &BTreeMap<Vec<u8>, KeyValue
 }
 
 /// A short randomized pause before a conflicted txn starts over.
-async fn backoff(attempt: u32) {
+pub(crate) async fn backoff(attempt: u32) {
     let ms = (1u64 << attempt.min(6)).min(50) + rand::random::<u64>() % 10;
     tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
 }
@@ -401,6 +443,9 @@ fn eval_header(ts: u64) -> atoll_proto::etcdserverpb::ResponseHeader {
 impl KvService {
     async fn do_range(&self, r: RangeRequest) -> Result<RangeResponse, Status> {
         eval::check_range_request(&r).map_err(status)?;
+        if r.range_end.is_empty() && atoll_keys::is_system_key(&r.key) {
+            return Err(reserved_key());
+        }
         check_size(&r)?;
         let (ts, now) = self.read_ts(r.revision).await?;
         let range = KeyRange::from_etcd(&r.key, &r.range_end);

@@ -10,6 +10,7 @@
 //! | [`kv`] | the KV service (Range, Put, DeleteRange, Txn, Compact) |
 //! | [`cluster`] | the Cluster service: members are the Up stores |
 //! | [`maintenance`] | the Maintenance service: Status, Alarm, Defragment |
+//! | [`lease`] | the Lease service: sharded lease records, keep-alives to the owner of each, revoke and expiry in one transaction |
 //! | [`watch`] | the Watch service: sharded change feeds merged in revision order, shared by watchers of one range |
 //! | [`json`] | the gateway's JSON mapping (grpc-gateway v1 conventions) by proto reflection |
 //! | [`gateway`] | the HTTP routes: `POST /v3/...`, `GET /version`, `GET /health` |
@@ -28,6 +29,7 @@ pub mod gateway;
 pub mod header;
 pub mod json;
 pub mod kv;
+pub mod lease;
 pub mod maintenance;
 pub mod server;
 pub mod watch;
@@ -35,6 +37,7 @@ pub mod watch;
 pub use cluster::ClusterService;
 pub use context::{DbSize, EtcdContext, LocalStore, RaftStatus, RocksLocalStore};
 pub use kv::KvService;
+pub use lease::LeaseService;
 pub use maintenance::MaintenanceService;
 pub use server::{routes, EtcdServices};
 pub use watch::WatchService;

@@ -7,10 +7,12 @@ use crate::cluster::ClusterService;
 use crate::context::EtcdContext;
 use crate::gateway;
 use crate::kv::KvService;
+use crate::lease::LeaseService;
 use crate::maintenance::MaintenanceService;
 use crate::watch::WatchService;
 use atoll_proto::etcdserverpb::cluster_server::ClusterServer;
 use atoll_proto::etcdserverpb::kv_server::KvServer;
+use atoll_proto::etcdserverpb::lease_server::LeaseServer;
 use atoll_proto::etcdserverpb::maintenance_server::MaintenanceServer;
 use atoll_proto::etcdserverpb::watch_server::WatchServer;
 use axum::extract::Request;
@@ -31,6 +33,7 @@ pub struct EtcdServices {
     pub cluster: Arc<ClusterService>,
     pub maintenance: Arc<MaintenanceService>,
     pub watch: Arc<WatchService>,
+    pub lease: Arc<LeaseService>,
 }
 
 impl EtcdServices {
@@ -40,6 +43,7 @@ impl EtcdServices {
             cluster: Arc::new(ClusterService::new(ctx.clone())),
             maintenance: Arc::new(MaintenanceService::new(ctx.clone())),
             watch: Arc::new(WatchService::new(ctx.clone())),
+            lease: Arc::new(LeaseService::new(ctx.clone())),
         }
     }
 
@@ -52,6 +56,7 @@ impl EtcdServices {
         )
         .add_service(ClusterServer::from_arc(self.cluster.clone()))
         .add_service(MaintenanceServer::from_arc(self.maintenance.clone()))
+        .add_service(LeaseServer::from_arc(self.lease.clone()))
         .add_service(
             WatchServer::from_arc(self.watch.clone())
                 .max_decoding_message_size(MAX_GRPC_MESSAGE)
@@ -66,6 +71,7 @@ impl EtcdServices {
             self.cluster.clone(),
             self.maintenance.clone(),
             self.watch.clone(),
+            self.lease.clone(),
         )
     }
 }

@@ -85,6 +85,30 @@ pub fn split_ts(key: &[u8]) -> Result<(&[u8], u64), CodecError> {
     Ok((k, ts))
 }
 
+// ---- the system key space ----
+
+/// Where Atoll's own records begin in the user key space: every key from here up (to
+/// +infinity) is reserved. They are ordinary MVCC data (replicated, split, moved and
+/// garbage-collected like any region's data: that is how leases are sharded), but no client
+/// API writes them, and ranges that reach this far are cut here, so no read, watch or delete
+/// of the user key space ever meets them. No UTF-8 key starts with 0xff.
+pub const SYSTEM_PREFIX: &[u8] = b"\xff\xff\xff\xffatoll/";
+
+/// Whether `key` is in the reserved system key space.
+pub fn is_system_key(key: &[u8]) -> bool {
+    key >= SYSTEM_PREFIX
+}
+
+/// The end of a user range `[start, end)` (empty end = unbounded) cut at the system key
+/// space: never empty, never past [`SYSTEM_PREFIX`].
+pub fn user_range_end(end: &[u8]) -> Vec<u8> {
+    if end.is_empty() || end > SYSTEM_PREFIX {
+        SYSTEM_PREFIX.to_vec()
+    } else {
+        end.to_vec()
+    }
+}
+
 /// Whether `key` lies in `[start, end)` (empty end = unbounded).
 pub fn in_range(key: &[u8], start: &[u8], end: &[u8]) -> bool {
     key >= start && (end.is_empty() || key < end)

@@ -251,6 +251,20 @@ impl<E: KvEngine> RaftRouter<E> {
             .collect()
     }
 
+    /// The regions overlapping `[start, end)` that this store leads and that are ready to
+    /// serve (their leader applied an entry of its own term), with the term of the
+    /// leadership. O(log N + k) in the regions hosted.
+    pub fn leaders_overlapping(&self, start: &[u8], end: &[u8]) -> Vec<(metapb::Region, u64)> {
+        let meta = self.ctx.meta.lock();
+        meta.overlapping(start, end, 0)
+            .into_iter()
+            .filter_map(|id| {
+                let d = meta.readers.get(&id)?;
+                (d.term > 0 && d.leader_ready).then(|| ((*d.region).clone(), d.term))
+            })
+            .collect()
+    }
+
     pub fn region(&self, region_id: RegionId) -> Option<metapb::Region> {
         self.ctx.meta.lock().regions.get(&region_id.get()).cloned()
     }

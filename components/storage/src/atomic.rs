@@ -56,6 +56,9 @@ pub struct AtomicView<'a, S: atoll_engine::Snapshot> {
     /// The snapshot timestamp, and the commit timestamp if the decision writes.
     pub ts: u64,
     pub region: &'a metapb::Region,
+    /// The raft term of the leadership the decision is made under: its writes commit only
+    /// if this leadership (or a successor that applies them) does.
+    pub term: u64,
     /// Transactions whose locks the reads may ignore (the caller resolved them).
     pub bypass_locks: &'a [u64],
 }
@@ -129,6 +132,7 @@ impl<E: KvEngine> Storage<E> {
                         reader: MvccReader::new(snap.snap.clone()),
                         ts,
                         region: &snap.region,
+                        term: snap.term,
                         bypass_locks: &bypass,
                     };
                     let (writes, out) = decide(&view)?;
@@ -146,6 +150,7 @@ impl<E: KvEngine> Storage<E> {
                     reader,
                     ts: done - 1,
                     region: &snap.region,
+                    term: snap.term,
                     bypass_locks: &bypass,
                 };
                 let (_, out) = decide(&view)?;

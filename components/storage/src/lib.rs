@@ -38,6 +38,7 @@ pub mod changes;
 pub mod config;
 pub mod etcd;
 pub mod gc;
+pub mod lease;
 pub mod read;
 pub mod storage;
 pub mod txn;

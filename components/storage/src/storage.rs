@@ -114,6 +114,8 @@ pub struct Storage<E: KvEngine> {
     pub(crate) gc_kick: tokio::sync::Notify,
     /// What the apply side wrote, for the regions whose changes are asked about (changes.rs).
     pub(crate) changes: Arc<crate::changes::ChangeLog>,
+    /// The timers of the etcd leases whose records lie in regions this store leads (lease.rs).
+    pub(crate) leases: Arc<crate::lease::LeaseTable>,
 }
 
 pub(crate) fn header(ctx: &Context) -> RaftRequestHeader {
@@ -170,9 +172,14 @@ pub(crate) fn to_requests(mods: Vec<Modify>) -> Vec<raft_cmdpb::Request> {
 impl<E: KvEngine> Storage<E> {
     pub fn new(router: RaftRouter<E>, pd: Arc<dyn PdClient>, cfg: StorageConfig) -> Self {
         let changes = Arc::new(crate::changes::ChangeLog::default());
-        router.set_apply_observer(changes.clone());
+        let leases = Arc::new(crate::lease::LeaseTable::default());
+        router.set_apply_observer(Arc::new(crate::lease::Fanout(vec![
+            changes.clone() as Arc<dyn atoll_raftstore::observer::ApplyObserver>,
+            leases.clone(),
+        ])));
         Storage {
             changes,
+            leases,
             latches: Latches::new(cfg.latch_slots),
             cm: ConcurrencyManager::new(0),
             synced: Mutex::new(HashMap::new()),
@@ -189,6 +196,11 @@ impl<E: KvEngine> Storage<E> {
 
     pub fn max_ts(&self) -> u64 {
         self.cm.max_ts()
+    }
+
+    /// The etcd lease timers this store owns (lease.rs).
+    pub fn lease_table(&self) -> &Arc<crate::lease::LeaseTable> {
+        &self.leases
     }
 
     pub fn router(&self) -> &RaftRouter<E> {
@@ -484,7 +496,7 @@ impl<E: KvEngine> Storage<E> {
 
     /// The second of two consecutive fresh timestamps from PD (the first is never used: the
     /// second is then this caller's alone).
-    async fn fresh_pair(&self) -> Result<u64, Fail> {
+    pub(crate) async fn fresh_pair(&self) -> Result<u64, Fail> {
         let first = self
             .pd
             .get_tso_block(2)

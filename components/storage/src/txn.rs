@@ -96,7 +96,10 @@ impl<E: KvEngine> Storage<E> {
                             .map_err(|_| abort(format!("unknown op {}", m.op)))?;
                         let pess = req.is_pessimistic_lock.get(i).copied().unwrap_or(false);
                         let mutation = (op, m.key.as_slice(), m.value.as_slice());
-                        match atoll_txn::prewrite(&mut txn, &reader, &params, mutation, pess) {
+                        let lease = m.lease as u64;
+                        match atoll_txn::prewrite_with_lease(
+                            &mut txn, &reader, &params, mutation, lease, pess,
+                        ) {
                             Ok(_) => {}
                             Err(atoll_txn::Error::Committed { commit_ts, .. }) if one_pc => {
                                 return Ok((Err(commit_ts), false))

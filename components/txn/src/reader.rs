@@ -405,6 +405,44 @@ impl<S: Snapshot> MvccReader<S> {
         Ok(out)
     }
 
+    /// The newest committed value of every live key in `[start, end)` (empty `end` =
+    /// unbounded), locks not checked: what the region's applied data says now, for an owner
+    /// that follows later changes itself (the lease timers). Reads every version of the range.
+    pub fn scan_latest_committed(
+        &self,
+        start: &[u8],
+        end: &[u8],
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let lower = data_key(start);
+        let upper = atoll_keys::data_end_bound(end);
+        if upper <= lower {
+            return Ok(Vec::new());
+        }
+        let mut it = self
+            .snapshot
+            .iterator_cf(CF_WRITE, IterOptions::new(Some(lower.clone()), Some(upper)))?;
+        let mut valid = it.seek(&lower)?;
+        let mut out = Vec::new();
+        // The encoded key whose newest data record was already taken (or found deleted).
+        let mut decided: Option<Vec<u8>> = None;
+        while valid {
+            let (encoded, _) = split_ts(it.key())?;
+            if decided.as_deref() != Some(encoded) {
+                let write = Write::decode(it.value())?;
+                if write.is_data_change() {
+                    decided = Some(encoded.to_vec());
+                    if write.write_type == WriteType::Put {
+                        let key = user_key_of(encoded)?;
+                        let value = self.load_data(&key, &write)?;
+                        out.push((key, value));
+                    }
+                }
+            }
+            valid = it.next()?;
+        }
+        Ok(out)
+    }
+
     /// The data record (`Put` or `Delete`) of `user_key` committed exactly at `commit_ts`.
     pub fn data_write_at(&self, user_key: &[u8], commit_ts: u64) -> Result<Option<Write>> {
         Ok(self

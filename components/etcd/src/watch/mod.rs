@@ -135,17 +135,19 @@ impl WatchHub {
     }
 }
 
-/// etcd's key and range_end as Atoll's `[start, end)` (empty end: unbounded): no range_end
-/// is the key alone, `"\0"` every key from the key on.
+/// etcd's key and range_end as Atoll's `[start, end)`: no range_end is the key alone, `"\0"`
+/// every key from the key on. Cut at the system key space (`atoll_keys::SYSTEM_PREFIX`): its
+/// records are never watched (a range there is empty).
 pub fn watch_range(key: &[u8], range_end: &[u8]) -> (Vec<u8>, Vec<u8>) {
     match range_end {
+        [] if atoll_keys::is_system_key(key) => (key.to_vec(), key.to_vec()),
         [] => {
             let mut end = key.to_vec();
             end.push(0);
             (key.to_vec(), end)
         }
-        [0] => (key.to_vec(), vec![]),
-        e => (key.to_vec(), e.to_vec()),
+        [0] => (key.to_vec(), atoll_keys::user_range_end(&[])),
+        e => (key.to_vec(), atoll_keys::user_range_end(e)),
     }
 }
 
@@ -579,8 +581,14 @@ mod tests {
     #[test]
     fn etcd_ranges_map_to_atoll_ranges() {
         assert_eq!(watch_range(b"a", b""), (b"a".to_vec(), b"a\0".to_vec()));
-        assert_eq!(watch_range(b"a", b"\0"), (b"a".to_vec(), vec![]));
-        assert_eq!(watch_range(b"", b"\0"), (vec![], vec![]));
+        let sys = atoll_keys::SYSTEM_PREFIX.to_vec();
+        assert_eq!(watch_range(b"a", b"\0"), (b"a".to_vec(), sys.clone()));
+        assert_eq!(watch_range(b"", b"\0"), (vec![], sys.clone()));
+        assert_eq!(
+            watch_range(b"a", b"\xff\xff\xff\xff\xff"),
+            (b"a".to_vec(), sys.clone())
+        );
+        assert_eq!(watch_range(&sys, b""), (sys.clone(), sys.clone()));
         assert_eq!(watch_range(b"a", b"b"), (b"a".to_vec(), b"b".to_vec()));
     }
 }

@@ -84,11 +84,14 @@ pub enum RangeEnd {
 }
 
 impl KeyRange {
+    /// A range of the user key space: ends reaching into the system key space are cut at
+    /// its start ([`atoll_keys::SYSTEM_PREFIX`]), so "every key from here" stops there. (A
+    /// system key alone stays itself: the etcd layer refuses it in user requests and uses it
+    /// for its own records.)
     pub fn from_etcd(key: &[u8], range_end: &[u8]) -> KeyRange {
         let end = match range_end {
             [] => RangeEnd::Single,
-            [0] => RangeEnd::Unbounded,
-            e => RangeEnd::To(e.to_vec()),
+            e => RangeEnd::To(atoll_keys::user_range_end(if e == [0] { &[] } else { e })),
         };
         KeyRange {
             start: key.to_vec(),
@@ -745,7 +748,13 @@ mod tests {
         assert!(r.contains(b"a") && !r.contains(b"a\0"));
         let r = KeyRange::from_etcd(b"a", b"\0");
         assert!(r.contains(b"zzz") && !r.contains(b"0"));
-        assert_eq!(r.bounds(), (b"a".to_vec(), vec![]));
+        // "Every key from here" stops at the system key space; so does any longer range.
+        let sys = atoll_keys::SYSTEM_PREFIX;
+        assert_eq!(r.bounds(), (b"a".to_vec(), sys.to_vec()));
+        assert!(r.contains(b"\xff\xff") && !r.contains(sys));
+        let r = KeyRange::from_etcd(b"a", b"\xff\xff\xff\xff\xff");
+        assert_eq!(r.bounds(), (b"a".to_vec(), sys.to_vec()));
+        assert!(KeyRange::from_etcd(sys, b"\0").is_empty());
         let r = KeyRange::from_etcd(b"b", b"a");
         assert!(r.is_empty());
         assert!(view(&[kv("a", "1", 1, 1, 1)]).range(&r).unwrap().is_empty());

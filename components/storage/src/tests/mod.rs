@@ -555,6 +555,7 @@ pub(crate) fn mutation(op: Op, key: &[u8], value: &[u8]) -> Mutation {
         op: op as i32,
         key: key.to_vec(),
         value: value.to_vec(),
+        lease: 0,
     }
 }
 
