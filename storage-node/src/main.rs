@@ -39,6 +39,10 @@ struct Args {
     /// How often GC looks for a new safe point at PD (e.g. 60s).
     #[arg(long)]
     gc_interval: Option<String>,
+    /// How long an etcd lease goes without keep-alives before its remaining time is
+    /// checkpointed (e.g. 60s).
+    #[arg(long)]
+    lease_checkpoint_interval: Option<String>,
     #[arg(long)]
     log_level: Option<String>,
     /// Test-only: serve `unsafe_local_read` requests (reads on any peer without ReadIndex).
@@ -94,6 +98,11 @@ fn build_config(a: Args) -> anyhow::Result<NodeConfig> {
         c.storage.gc_interval = v
             .parse()
             .map_err(|e| anyhow::anyhow!("--gc-interval: {e}"))?;
+    }
+    if let Some(v) = a.lease_checkpoint_interval {
+        c.storage.lease_checkpoint_interval = v
+            .parse()
+            .map_err(|e| anyhow::anyhow!("--lease-checkpoint-interval: {e}"))?;
     }
     if let Some(v) = a.log_level {
         c.log_level = v;

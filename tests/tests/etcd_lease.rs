@@ -359,3 +359,97 @@ fn killed_service_disappears_within_ttl() {
     let _ = watcher.wait();
     drop(c);
 }
+
+/// The lease's owner killed, one store after another (so the owner of each lease is killed at
+/// least once): a kept-alive lease never loses its key, and an idle long lease is not reset
+/// to its full TTL by the failover (its remaining time was checkpointed; with
+/// `--lease-checkpoint-interval 2s` here).
+#[test]
+fn failover_neither_expires_early_nor_resets_long_leases() {
+    let c = ProcCluster::start(ClusterOpts {
+        pds: 1,
+        stores: 3,
+        store_args: vec!["--lease-checkpoint-interval".into(), "2s".into()],
+        ..Default::default()
+    });
+    c.wait_ready(Duration::from_secs(60));
+    assert!(wait_until(Duration::from_secs(60), || {
+        regions_healthy(&c.kvctl_json(&["regions"]), 3)
+    }));
+    let mut c = c;
+    let ep = c
+        .stores
+        .iter()
+        .map(|s| s.addr.clone())
+        .collect::<Vec<_>>()
+        .join(",");
+    const LONG: i64 = 30;
+    let long = granted_id(&ok(&etcdctl(&ep, &["lease", "grant", &LONG.to_string()])));
+    ok(&etcdctl(&ep, &["put", "/fo/long", "x", "--lease", &long]));
+    let kept = granted_id(&ok(&etcdctl(&ep, &["lease", "grant", "6"])));
+    ok(&etcdctl(&ep, &["put", "/fo/kept", "y", "--lease", &kept]));
+    let mut keeper = Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .arg(format!("--endpoints={ep}"))
+        .args(["lease", "keep-alive", &kept])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("etcdctl keep-alive");
+    // The long lease goes idle long enough to be checkpointed (more than once).
+    std::thread::sleep(Duration::from_secs(6));
+    let remaining = |c: &ProcCluster| -> Option<i64> {
+        let out = etcdctl(&ep_of(c), &["lease", "timetolive", &long]);
+        let s = String::from_utf8_lossy(&out.stdout).to_string();
+        let r = s
+            .split("remaining(")
+            .nth(1)?
+            .split('s')
+            .next()?
+            .parse()
+            .ok()?;
+        Some(r)
+    };
+    let before = remaining(&c).expect("the long lease lives");
+    assert!(before <= LONG - 5, "{before}");
+    for i in 0..3 {
+        c.stores[i].proc_.kill();
+        // Whoever owns the lease now answers (a new owner once its timers are loaded).
+        let mut r = None;
+        assert!(
+            wait_until(Duration::from_secs(30), || {
+                r = remaining(&c);
+                r.is_some()
+            }),
+            "no owner answered for the long lease after killing store {i}"
+        );
+        let r = r.unwrap();
+        assert!(
+            r <= LONG - 3,
+            "killing store {i} reset the idle long lease to {r} s of its {LONG} s"
+        );
+        assert_eq!(
+            get_keys(&ep_of(&c), "/fo/"),
+            vec!["/fo/kept", "/fo/long"],
+            "after killing store {i}"
+        );
+        c.stores[i].proc_.start();
+        assert!(wait_until(Duration::from_secs(60), || {
+            regions_healthy(&c.kvctl_json(&["regions"]), 3)
+        }));
+        assert_eq!(get_keys(&ep, "/fo/"), vec!["/fo/kept", "/fo/long"]);
+    }
+    let _ = keeper.kill();
+    let _ = keeper.wait();
+    drop(c);
+}
+
+/// The endpoints of the stores that run.
+fn ep_of(c: &ProcCluster) -> String {
+    c.stores
+        .iter()
+        .filter(|s| s.proc_.pid().is_some())
+        .map(|s| s.addr.clone())
+        .collect::<Vec<_>>()
+        .join(",")
+}

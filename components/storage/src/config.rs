@@ -22,6 +22,10 @@ pub struct StorageConfig {
     pub gc_interval: atoll_util::config::ReadableDuration,
     /// Versions deleted per GC batch (bounded so foreground traffic is not starved).
     pub gc_batch_keys: usize,
+    /// An etcd lease not kept alive for this long has its remaining time checkpointed (then
+    /// again every interval), so a failover restarts it from there, not from its full TTL
+    /// (only leases whose TTL is longer than this). docs/design/leases.md.
+    pub lease_checkpoint_interval: atoll_util::config::ReadableDuration,
 }
 
 impl Default for StorageConfig {
@@ -35,6 +39,7 @@ impl Default for StorageConfig {
             allow_unsafe_local_read: false,
             gc_interval: atoll_util::config::ReadableDuration::secs(60),
             gc_batch_keys: 512,
+            lease_checkpoint_interval: atoll_util::config::ReadableDuration::secs(60),
         }
     }
 }

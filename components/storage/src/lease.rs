@@ -20,8 +20,8 @@
 //!   successor is elected only after a quorum stopped hearing the old leader, so it starts
 //!   after every keep-alive the old one answered: its `now + TTL` covers them all.
 //! - **Checkpoints** bound the reset a failover causes for long TTLs: a lease not kept alive
-//!   for [`CHECKPOINT_INTERVAL`] gets its remaining time written into its record (batched per
-//!   region), and a successor counts from that. A keep-alive after a checkpoint clears it
+//!   for `[storage] lease-checkpoint-interval` (60 s) gets its remaining time written into its
+//!   record (batched per region), and a successor counts from that. A keep-alive after a checkpoint clears it
 //!   (written before the keep-alive is answered), so a successor never counts from a remaining
 //!   time older than a keep-alive it did not see.
 //! - **Expiry** marks the record `expiring` through a command decided on the owner's own
@@ -43,9 +43,6 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// A lease not kept alive for this long gets its remaining time checkpointed (if its TTL is
-/// longer than this: shorter ones gain nothing from it).
-pub const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(60);
 /// How often the owner looks at its leadership, due leases and checkpoints.
 pub const TICK: Duration = Duration::from_millis(100);
 /// Leases marked expiring per tick and store: 1,000 a second, etcd's default revoke rate.
@@ -217,6 +214,8 @@ struct Inner {
     owned: HashMap<u64, Owned>,
     leases: HashMap<i64, Held>,
     due: BTreeSet<(Instant, i64)>,
+    /// The leases in `leases` that are expiring.
+    expiring: HashSet<i64>,
 }
 
 impl Inner {
@@ -234,7 +233,13 @@ impl Inner {
             h.ttl = rec.ttl;
             h.checkpoint_ms = rec.remaining_ms;
             h.expiring |= rec.expiring;
+            if h.expiring {
+                self.expiring.insert(id);
+            }
             return;
+        }
+        if rec.expiring {
+            self.expiring.insert(id);
         }
         let deadline = now + rec.initial();
         self.leases.insert(
@@ -253,6 +258,7 @@ impl Inner {
     }
 
     fn remove(&mut self, id: i64) {
+        self.expiring.remove(&id);
         if let Some(h) = self.leases.remove(&id) {
             self.due.remove(&(h.deadline, id));
         }
@@ -307,13 +313,7 @@ impl LeaseTable {
     }
 
     fn expiring_now(&self) -> Vec<i64> {
-        let inner = self.inner.lock();
-        inner
-            .leases
-            .iter()
-            .filter(|(_, h)| h.expiring)
-            .map(|(id, _)| *id)
-            .collect()
+        self.inner.lock().expiring.iter().copied().collect()
     }
 
     /// How many leases this store's timers hold.
@@ -627,7 +627,7 @@ impl<E: KvEngine> Storage<E> {
     /// Writes the remaining time of leases not kept alive for a while into their records.
     fn checkpoint_leases(self: &Arc<Self>) {
         let now = Instant::now();
-        let interval_ms = CHECKPOINT_INTERVAL.as_millis() as i64;
+        let interval_ms = self.cfg.lease_checkpoint_interval.0.as_millis() as i64;
         let mut by_region: HashMap<u64, Vec<i64>> = HashMap::new();
         {
             let mut inner = self.leases.inner.lock();
@@ -851,11 +851,18 @@ impl LeaseTable {
     /// resolves it (the etcd layer does, for these).
     pub fn stuck(&self) -> Vec<i64> {
         let inner = self.inner.lock();
+        let now = Instant::now();
         inner
-            .leases
+            .due
             .iter()
-            .filter(|(_, h)| !h.expiring && h.mark_failures >= 3)
-            .map(|(id, _)| *id)
+            .take_while(|(d, _)| *d <= now)
+            .filter(|(_, id)| {
+                inner
+                    .leases
+                    .get(id)
+                    .is_some_and(|h| !h.expiring && h.mark_failures >= 3)
+            })
+            .map(|(_, id)| *id)
             .take(64)
             .collect()
     }
