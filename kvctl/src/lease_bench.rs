@@ -10,16 +10,21 @@
 //!    `--conns` HTTP/2 connections to each); each stream renews each of its leases once per
 //!    `--interval`, its renewals paced evenly over the interval. Round trip = request handed to
 //!    the stream until its answer arrives.
-//! 3. **revoke** every lease (unless `--no-revoke`).
+//! 3. **revoke** every lease (unless `--no-revoke`), the renewals going on meanwhile (so that
+//!    no lease expires before it is revoked); then the streams close.
 //!
-//! A lease is *lost* when an answer said TTL <= 0 (the lease is gone) or when no renewal of it
-//! was answered for longer than its TTL (it may have expired on the server), at any time from
-//! its grant to the end of phase 2. With `--cpu-pids`, the CPU time of those processes
+//! A lease is *lost* when an answer said TTL <= 0 (the lease is gone: `lost_expired`) or when
+//! no renewal of it was answered for longer than its TTL (it may have expired on the server:
+//! `lost_late`), at any time from its grant to the end of phase 2. After each TTL <= 0 answer,
+//! TimeToLive is asked at once on another connection: `lost_expired_alive` counts the leases it
+//! still reported alive (a keep-alive answer that contradicts the lease's state). With `--cpu-pids`, the CPU time of those processes
 //! (utime + stime from `/proc/PID/stat`) is measured over phase 2, in % of one core.
 
 use crate::etcd::{channel, parse_endpoints};
 use atoll_proto::etcdserverpb::lease_client::LeaseClient;
-use atoll_proto::etcdserverpb::{LeaseGrantRequest, LeaseKeepAliveRequest, LeaseRevokeRequest};
+use atoll_proto::etcdserverpb::{
+    LeaseGrantRequest, LeaseKeepAliveRequest, LeaseRevokeRequest, LeaseTimeToLiveRequest,
+};
 use hdrhistogram::Histogram;
 use parking_lot::Mutex;
 use serde_json::json;
@@ -94,10 +99,17 @@ struct Shared {
     stop: AtomicBool,
     /// Whether round trips are recorded (the measured phase).
     measuring: AtomicBool,
+    /// Whether lost leases are counted (from the first grant to the end of the measured phase;
+    /// renewals go on during the revoke phase, where TTL 0 is the expected answer).
+    counting: AtomicBool,
     sent: AtomicU64,
     ok: AtomicU64,
     /// Answers with TTL <= 0.
     expired: AtomicU64,
+    /// Of those, leases that TimeToLive, asked right after, still reported alive (TTL > 0).
+    expired_alive: AtomicU64,
+    /// When the first answers with TTL <= 0 came (µs since the bench began).
+    expired_at: Mutex<Vec<u64>>,
     /// Leases with no answered renewal for longer than the TTL.
     late: AtomicU64,
     stream_errors: AtomicU64,
@@ -111,7 +123,10 @@ impl Shared {
 
     /// Marks a slot lost because it went unrenewed for longer than the TTL.
     fn check_late(&self, s: &mut Slot, now: u64) {
-        if !s.lost && now.saturating_sub(s.ok_us) > self.ttl_us {
+        if self.counting.load(Ordering::Relaxed)
+            && !s.lost
+            && now.saturating_sub(s.ok_us) > self.ttl_us
+        {
             s.lost = true;
             self.late.fetch_add(1, Ordering::Relaxed);
         }
@@ -139,9 +154,12 @@ pub async fn run(a: LeaseBenchArgs) -> anyhow::Result<serde_json::Value> {
         ttl_us: a.ttl as u64 * 1_000_000,
         stop: AtomicBool::new(false),
         measuring: AtomicBool::new(false),
+        counting: AtomicBool::new(true),
         sent: AtomicU64::new(0),
         ok: AtomicU64::new(0),
         expired: AtomicU64::new(0),
+        expired_alive: AtomicU64::new(0),
+        expired_at: Mutex::new(vec![]),
         late: AtomicU64::new(0),
         stream_errors: AtomicU64::new(0),
         rtt: Mutex::new(Histogram::new(3)?),
@@ -222,6 +240,7 @@ pub async fn run(a: LeaseBenchArgs) -> anyhow::Result<serde_json::Value> {
         w.await?;
     }
     let grant_secs = t_grant.elapsed().as_secs_f64();
+    let grant_end_s = shared.base.elapsed().as_secs_f64();
     let granted = granted_ids.lock().len();
 
     // Phase 2: the measured keep-alive phase, after one interval in which every lease has
@@ -254,10 +273,6 @@ pub async fn run(a: LeaseBenchArgs) -> anyhow::Result<serde_json::Value> {
         .collect();
     let self_after = cpu_ticks("self");
     let rss: Vec<Option<u64>> = a.cpu_pids.iter().map(|p| rss_kb(*p)).collect();
-    shared.stop.store(true, Ordering::Relaxed);
-    for t in stream_tasks {
-        let _ = t.await;
-    }
     // A last look: leases whose last renewal is older than the TTL now.
     let now = shared.now_us();
     for s in &streams {
@@ -265,6 +280,8 @@ pub async fn run(a: LeaseBenchArgs) -> anyhow::Result<serde_json::Value> {
             shared.check_late(slot, now);
         }
     }
+    shared.counting.store(false, Ordering::Relaxed);
+    let measured_end_s = now as f64 / 1e6;
 
     // Phase 3: revoke.
     let ids = std::mem::take(&mut *granted_ids.lock());
@@ -317,6 +334,12 @@ pub async fn run(a: LeaseBenchArgs) -> anyhow::Result<serde_json::Value> {
         revoked = done.load(Ordering::Relaxed);
     }
 
+    // The renewals went on until every lease was revoked (or, with --no-revoke, until now).
+    shared.stop.store(true, Ordering::Relaxed);
+    for t in stream_tasks {
+        let _ = t.await;
+    }
+
     let rtt = shared.rtt.lock();
     let g = grant_hist.lock();
     let ms = |h: &Histogram<u64>, q: f64| h.value_at_quantile(q) as f64 / 1000.0;
@@ -360,6 +383,10 @@ pub async fn run(a: LeaseBenchArgs) -> anyhow::Result<serde_json::Value> {
         "lost": expired + late,
         "lost_expired": expired,
         "lost_late": late,
+        "lost_expired_alive": shared.expired_alive.load(Ordering::Relaxed),
+        "lost_expired_first_at_s": shared.expired_at.lock().iter().map(|us| (*us as f64 / 1e5).round() / 10.0).collect::<Vec<_>>(),
+        "grant_end_s": grant_end_s,
+        "measured_end_s": measured_end_s,
         "p50_ms": ms(&rtt, 0.5),
         "p99_ms": ms(&rtt, 0.99),
         "max_ms": rtt.max() as f64 / 1000.0,
@@ -402,6 +429,7 @@ async fn keep_stream(
         // Answers. (The stream opens once the server answers: etcd answers nothing before the
         // first request, so the renewals below start at once.)
         let (sh2, leases2) = (sh.clone(), leases.clone());
+        let ttl_channel = channels[(j + attempt) % channels.len()].clone();
         let receiver = tokio::spawn(async move {
             let mut lc = LeaseClient::new(ch);
             let Ok(inbound) = lc.lease_keep_alive(ReceiverStream::new(rx)).await else {
@@ -418,9 +446,25 @@ async fn keep_stream(
                 let sent = s.sent_us.pop_front();
                 if r.ttl <= 0 {
                     s.gone = true;
-                    if !s.lost {
+                    if !s.lost && sh2.counting.load(Ordering::Relaxed) {
                         s.lost = true;
                         sh2.expired.fetch_add(1, Ordering::Relaxed);
+                        {
+                            let mut at = sh2.expired_at.lock();
+                            if at.len() < 10 {
+                                at.push(now);
+                            }
+                        }
+                        // Is it really gone? Ask TimeToLive at once, on another connection.
+                        let (sh3, ch, id) = (sh2.clone(), ttl_channel.clone(), r.id);
+                        tokio::spawn(async move {
+                            let req = LeaseTimeToLiveRequest { id, keys: false };
+                            if let Ok(t) = LeaseClient::new(ch).lease_time_to_live(req).await {
+                                if t.get_ref().ttl > 0 {
+                                    sh3.expired_alive.fetch_add(1, Ordering::Relaxed);
+                                }
+                            }
+                        });
                     }
                     continue;
                 }
