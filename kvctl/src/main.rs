@@ -3,6 +3,9 @@
 
 mod bench;
 mod elect;
+mod etcd;
+mod lease;
+mod lease_bench;
 mod playground;
 mod watch;
 mod watch_bench;
@@ -51,6 +54,13 @@ enum Cmd {
         /// Read the value from this file (for large or binary values).
         #[arg(long, conflicts_with = "value")]
         value_file: Option<std::path::PathBuf>,
+        /// Attach the key to this lease (hex id, as `lease grant` prints it): the put goes
+        /// through the etcd KV API of a storage node.
+        #[arg(long)]
+        lease: Option<String>,
+        /// etcd API endpoints for a put with --lease (default: every storage node PD knows).
+        #[arg(long, requires = "lease")]
+        endpoints: Option<String>,
     },
     /// Print KEY's value.
     Get { key: String },
@@ -103,6 +113,10 @@ enum Cmd {
         #[arg(num_args = 1.., allow_hyphen_values = true)]
         ops: Vec<String>,
     },
+    /// etcd's leases: grant, keep-alive, revoke, list, ttl (through etcd's Lease API).
+    Lease(lease::LeaseArgs),
+    /// Many leases kept alive through etcd's Lease API (Atoll's or an etcd cluster's); one JSON line.
+    LeaseBench(lease_bench::LeaseBenchArgs),
     /// Follow changes of KEY (or, with --prefix, of every key under it): one line per event.
     Watch(watch::WatchArgs),
     /// Run CMD while holding lock NAME (etcd's Lock API, with a lease kept alive); without
@@ -145,6 +159,19 @@ async fn client(cli: &Cli) -> anyhow::Result<Arc<Client>> {
     Ok(Client::connect(cfg).await?)
 }
 
+fn read_value(
+    value: Option<String>,
+    value_file: Option<std::path::PathBuf>,
+) -> anyhow::Result<Vec<u8>> {
+    match (value, value_file) {
+        (Some(v), _) => Ok(v.into_bytes()),
+        (None, Some(f)) => {
+            std::fs::read(&f).map_err(|e| anyhow::anyhow!("read {}: {e}", f.display()))
+        }
+        (None, None) => anyhow::bail!("put needs a VALUE or --value-file"),
+    }
+}
+
 fn print(out: Output, text: String, j: Value) {
     match out {
         Output::Text => {
@@ -173,10 +200,67 @@ fn state_name(s: i32) -> &'static str {
     }
 }
 
+/// The etcd API endpoints: `--endpoints` if given, else the storage nodes PD knows.
+async fn etcd_endpoints(cli: &Cli, explicit: Option<&str>) -> anyhow::Result<etcd::Etcd> {
+    let timeout = Duration::from_secs_f64(cli.timeout.max(0.1));
+    if let Some(list) = explicit {
+        return etcd::Etcd::new(etcd::parse_endpoints(list), timeout);
+    }
+    let c = client(cli).await?;
+    let stores = c.pd().get_all_stores(true).await?;
+    let urls: Vec<String> = stores
+        .iter()
+        .filter_map(|s| s.store.as_ref())
+        .filter(|s| s.state == atoll_proto::metapb::StoreState::Up as i32)
+        .map(|s| format!("http://{}", s.address))
+        .collect();
+    anyhow::ensure!(!urls.is_empty(), "no storage node is up");
+    etcd::Etcd::new(urls, timeout)
+}
+
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let out = cli.output;
     match &cli.cmd {
         Cmd::Playground(a) => return playground::run(a.clone()).await,
+        Cmd::Lease(a) => {
+            let e = etcd_endpoints(&cli, a.endpoints.as_deref()).await?;
+            let Cmd::Lease(a) = cli.cmd else {
+                unreachable!()
+            };
+            return lease::run(&e, a.cmd, out == Output::Json).await;
+        }
+        Cmd::Put {
+            key,
+            value,
+            value_file,
+            lease: Some(lease),
+            endpoints,
+        } => {
+            let id = lease::parse_id(lease)?;
+            let value = read_value(value.clone(), value_file.clone())?;
+            let e = etcd_endpoints(&cli, endpoints.as_deref()).await?;
+            let key = key.as_bytes().to_vec();
+            e.call(|ch| {
+                let (key, value) = (key.clone(), value.clone());
+                async move {
+                    atoll_proto::etcdserverpb::kv_client::KvClient::new(ch)
+                        .put(atoll_proto::etcdserverpb::PutRequest {
+                            key,
+                            value,
+                            lease: id,
+                            ..Default::default()
+                        })
+                        .await
+                }
+            })
+            .await?;
+            print(out, "OK".into(), json!({"ok": true}));
+            return Ok(());
+        }
+        Cmd::LeaseBench(a) => {
+            println!("{}", lease_bench::run(a.clone()).await?);
+            return Ok(());
+        }
         Cmd::WatchBench(a) => {
             println!("{}", watch_bench::run(a.clone()).await?);
             return Ok(());
@@ -195,14 +279,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             key,
             value,
             value_file,
+            ..
         } => {
-            let value = match (value, value_file) {
-                (Some(v), _) => v.into_bytes(),
-                (None, Some(f)) => {
-                    std::fs::read(&f).map_err(|e| anyhow::anyhow!("read {}: {e}", f.display()))?
-                }
-                (None, None) => anyhow::bail!("put needs a VALUE or --value-file"),
-            };
+            let value = read_value(value, value_file)?;
             c.put(key.as_bytes(), &value).await?;
             print(out, "OK".into(), json!({"ok": true}));
         }
@@ -232,8 +311,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             keys_only,
         } => {
             let end = end.unwrap_or_default();
+            // One fresh timestamp: the etcd revision of this read (a watch from it + 1 misses
+            // nothing the scan did not see).
+            let revision = c.tso().await?;
             let kvs = c
-                .scan(start.as_bytes(), end.as_bytes(), limit, reverse, keys_only)
+                .scan_at(
+                    start.as_bytes(),
+                    end.as_bytes(),
+                    limit,
+                    reverse,
+                    keys_only,
+                    revision,
+                )
                 .await?;
             let text = kvs
                 .iter()
@@ -256,7 +345,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     }
                 })
                 .collect();
-            print(out, text, json!({"kvs": arr}));
+            print(out, text, json!({"kvs": arr, "revision": revision}));
         }
         Cmd::DeleteRange { start, end } => {
             let n = c.delete_range(start.as_bytes(), end.as_bytes()).await?;
@@ -478,7 +567,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 json!({"ok": true, "ops": n, "commit_ts": commit_ts}),
             );
         }
-        Cmd::Bench(_) | Cmd::Playground(_) | Cmd::WatchBench(_) => unreachable!("handled above"),
+        Cmd::Bench(_)
+        | Cmd::Playground(_)
+        | Cmd::WatchBench(_)
+        | Cmd::Lease(_)
+        | Cmd::LeaseBench(_) => unreachable!("handled above"),
     }
     Ok(())
 }
