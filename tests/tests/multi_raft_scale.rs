@@ -40,7 +40,16 @@ fn one_write_per_region_costs_rounds_not_regions() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let c = cluster();
     let keys = make_regions(&c, 1000);
-    // Let elections and their writes settle.
+    // Let elections and their writes settle: every region has a leader (under load that
+    // takes longer than the pause alone), then a pause for their first writes.
+    let all_led = wait_until(Duration::from_secs(60), || {
+        keys.iter()
+            .all(|k| c.leader_store(c.get_region(k).id).is_some())
+    });
+    assert!(
+        all_led,
+        "regions without a leader a minute after the splits"
+    );
     std::thread::sleep(Duration::from_millis(500));
     let before: Vec<u64> = c
         .store_ids
