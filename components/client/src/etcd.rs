@@ -315,7 +315,11 @@ impl Client {
                     return Err(crate::errors::key_error(e));
                 }
                 out.extend(sent.iter().copied().zip(resp.ttls.iter().copied()));
-                pending.extend(group.into_iter().filter(|(_, id)| !sent.contains(id)));
+                if sent.len() < group.len() {
+                    // Part of the group is in another region now: the rest goes again.
+                    let sent: std::collections::HashSet<i64> = sent.into_iter().collect();
+                    pending.extend(group.into_iter().filter(|(_, id)| !sent.contains(id)));
+                }
             }
         }
         Ok(out)
