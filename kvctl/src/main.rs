@@ -76,6 +76,11 @@ enum Cmd {
         reverse: bool,
         #[arg(long)]
         keys_only: bool,
+        /// Also print (JSON: `"revision"`) the etcd revision the scan read at; a watch from it
+        /// + 1 misses nothing the scan did not see. Off by default: the JSON answer stays
+        /// `{"kvs":[...]}` as scripts expect.
+        #[arg(long)]
+        with_revision: bool,
     },
     /// Delete every key in [START, END).
     DeleteRange { start: String, end: String },
@@ -309,6 +314,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             limit,
             reverse,
             keys_only,
+            with_revision,
         } => {
             let end = end.unwrap_or_default();
             // One fresh timestamp: the etcd revision of this read (a watch from it + 1 misses
@@ -345,7 +351,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     }
                 })
                 .collect();
-            print(out, text, json!({"kvs": arr, "revision": revision}));
+            if with_revision {
+                let text = format!("{text}\nrevision\t{revision}");
+                print(out, text, json!({"kvs": arr, "revision": revision}));
+            } else {
+                print(out, text, json!({"kvs": arr}));
+            }
         }
         Cmd::DeleteRange { start, end } => {
             let n = c.delete_range(start.as_bytes(), end.as_bytes()).await?;

@@ -50,9 +50,11 @@ fn put_get_and_three_replicas() {
     assert!(c.kvctl(&["put", "b", "2"]).status.success());
     assert!(c.kvctl(&["delete", "a"]).status.success());
     let v = c.kvctl_json(&["scan", "a", "c"]);
-    let kvs = v["kvs"].as_array().unwrap();
-    assert_eq!(kvs.len(), 1);
-    assert_eq!(kvs[0]["key"], "b");
+    // The JSON shape is the contract (INTERFACE.md): exactly {"kvs":[...]}, nothing more.
+    assert_eq!(v, serde_json::json!({"kvs": [{"key": "b", "value": "2"}]}));
+    let v = c.kvctl_json(&["scan", "a", "c", "--with-revision"]);
+    assert_eq!(v["kvs"], serde_json::json!([{"key": "b", "value": "2"}]));
+    assert!(v["revision"].as_u64().unwrap() > 0, "{v}");
     let t1 = c.kvctl_json(&["tso"])["ts"].as_u64().unwrap();
     let t2 = c.kvctl_json(&["tso"])["ts"].as_u64().unwrap();
     assert!(t2 > t1);

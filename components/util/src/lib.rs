@@ -10,11 +10,13 @@
 //! | [`sys`] | process CPU time, disk capacity |
 //! | [`failpoints`] | failpoint set-up from `FAILPOINTS` and at run time |
 //! | [`hex`] | how keys and values that are not UTF-8 are printed (`0x…`) |
+//! | [`identity`] | [`identity::PeerIdentity`]: the client certificate's name, as TLS proved it |
 
 pub mod backoff;
 pub mod config;
 pub mod failpoints;
 pub mod hex;
+pub mod identity;
 pub mod logging;
 pub mod metrics;
 pub mod status;
