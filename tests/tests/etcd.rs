@@ -444,4 +444,66 @@ fn etcdctl_watch_sees_every_change_across_regions_in_order_and_replays_history()
         got,
         vec![("PUT".into(), "w/9".into(), "c2".into(), rev, None)]
     );
+    drop((live, replay, one));
+    gateway_watch_ends_with_its_client(&c);
+}
+
+/// Open watch streams on a store, from its `/metrics`.
+fn watch_streams(status_addr: &str) -> Option<i64> {
+    let (_, body) = http(status_addr, "GET", "/metrics", "").ok()?;
+    // Absent until the store's first watch stream: none open.
+    Some(
+        body.lines()
+            .find_map(|l| l.strip_prefix("atoll_etcd_watch_streams "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0),
+    )
+}
+
+/// A `/v3/watch` whose HTTP client goes away ends on the store: its stream and watchers are
+/// dropped (it used to live on, waiting for more requests from a body that had ended).
+fn gateway_watch_ends_with_its_client(c: &ProcCluster) {
+    use std::io::{BufRead, BufReader, Write};
+    let s = &c.stores[1];
+    let none_open = wait_until(Duration::from_secs(10), || {
+        watch_streams(&s.status_addr) == Some(0)
+    });
+    assert!(
+        none_open,
+        "watch streams before: {:?}",
+        watch_streams(&s.status_addr)
+    );
+    let body = r#"{"create_request":{"key":"dy8=","range_end":"dzA="}}"#; // w/ .. w0
+    let mut sock = std::net::TcpStream::connect(&s.addr).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    write!(
+        sock,
+        "POST /v3/watch HTTP/1.1\r\nHost: {}\r\nContent-Length: {}\r\n\r\n{body}",
+        s.addr,
+        body.len()
+    )
+    .unwrap();
+    let mut reader = BufReader::new(sock.try_clone().unwrap());
+    let mut seen = String::new();
+    while !seen.contains("\"created\":true") {
+        let mut line = String::new();
+        assert!(reader.read_line(&mut line).unwrap() > 0, "closed: {seen}");
+        seen.push_str(&line);
+    }
+    assert_eq!(watch_streams(&s.status_addr), Some(1));
+    drop(reader);
+    sock.shutdown(std::net::Shutdown::Both).unwrap();
+    drop(sock);
+    // A write into the watched range, so a stream still open would try to send.
+    let o = c.kvctl(&["put", "w/2", "after the client left"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let closed = wait_until(Duration::from_secs(10), || {
+        watch_streams(&s.status_addr) == Some(0)
+    });
+    assert!(
+        closed,
+        "the gateway watch stream outlived its client: {:?} open",
+        watch_streams(&s.status_addr)
+    );
 }

@@ -540,7 +540,17 @@ impl WatchService {
             progress: Arc::new(tokio::sync::Mutex::new(())),
         };
         tokio::spawn(async move {
-            while let Some(Ok(req)) = inbound.next().await {
+            WATCH_STREAMS.inc();
+            let _open = stream_closed_on_drop();
+            loop {
+                // A client that stops reading ends the stream even if it never closes its
+                // request side (the gateway's request body is finite and then pends).
+                let req = tokio::select! {
+                    biased;
+                    _ = state.out.closed() => return,
+                    r = inbound.next() => r,
+                };
+                let Some(Ok(req)) = req else { break };
                 let ok = match req.request_union {
                     Some(RequestUnion::CreateRequest(c)) => state.create(c).await,
                     Some(RequestUnion::CancelRequest(c)) => state.cancel(c.watch_id).await,
@@ -559,6 +569,25 @@ impl WatchService {
         });
         rx
     }
+}
+
+atoll_util::metric!(
+    /// Watch streams open on this store (gRPC and the gateway's `/v3/watch`).
+    static WATCH_STREAMS: atoll_util::metrics::IntGauge = int_gauge(
+        "atoll_etcd_watch_streams",
+        "Watch streams open on this store (gRPC and gateway)"
+    )
+);
+
+/// Counts a watch stream as closed when its task ends, however it ends.
+fn stream_closed_on_drop() -> impl Drop {
+    struct Dec;
+    impl Drop for Dec {
+        fn drop(&mut self) {
+            WATCH_STREAMS.dec();
+        }
+    }
+    Dec
 }
 
 #[tonic::async_trait]
