@@ -8,7 +8,7 @@ use crate::raft_node::{NodeError, RaftNode};
 use crate::schedule::coordinator::Coordinator;
 use crate::schedule::{ClusterSnapshot, RegionView, StoreView};
 use crate::state::{
-    self, region_key, store_key, u64_value, KEY_BOOTSTRAPPED, KEY_CLUSTER_ID, KEY_GC,
+    self, region_key, store_key, u64_value, MetaState, KEY_BOOTSTRAPPED, KEY_CLUSTER_ID, KEY_GC,
 };
 use crate::tso::Tso;
 use atoll_proto::pdpb::{self, PdCommand, PdKv, RegionRecord};
@@ -72,10 +72,27 @@ struct Volatile {
     since: Option<Instant>,
     store_stats: HashMap<u64, pdpb::StoreStats>,
     store_last_hb: HashMap<u64, Instant>,
+    /// Stores asked for a report of every region they lead, during this leadership and since
+    /// their heartbeat stream last (re)opened.
+    full_round_asked: std::collections::HashSet<u64>,
     region_stats: HashMap<u64, RegionStat>,
     streams: HashMap<u64, StreamTx>,
     last_resend: Option<Instant>,
+    /// Where the next slice of the region patrol starts (a start key; empty: the first).
+    patrol_cursor: Vec<u8>,
 }
+
+atoll_util::metric!(
+    /// Region heartbeats this PD member received as leader.
+    static REGION_HEARTBEATS: atoll_util::metrics::IntCounter = int_counter(
+        "atoll_pd_region_heartbeats_total",
+        "Region heartbeats received as leader"
+    )
+);
+
+/// Regions each scheduling round checks: a full patrol of N regions takes N / PATROL_BATCH
+/// rounds (`schedule-interval` apart), so a round's cost does not grow with the cluster.
+const PATROL_BATCH: usize = 4096;
 
 pub struct Cluster {
     pub node: Arc<RaftNode>,
@@ -335,7 +352,7 @@ impl Cluster {
 
     pub fn store_infos(&self, exclude_tombstone: bool) -> PdResult<Vec<pdpb::StoreInfo>> {
         self.ensure_leader()?;
-        let snap = self.snapshot();
+        let snap = self.stores_snapshot();
         let st = self.node.state.read();
         let v = self.vol.read();
         let mut out: Vec<pdpb::StoreInfo> = st
@@ -378,15 +395,20 @@ impl Cluster {
         if store.state == metapb::StoreState::Tombstone as i32 {
             return Err(PdError::StoreTombstone(id));
         }
-        {
+        let require_region_reports = {
             let mut v = self.vol.write();
             v.store_last_hb.insert(id, Instant::now());
             v.store_stats.insert(id, stats);
-        }
+            // Regions report on change only: a new leadership asks each store for a full round
+            // (its persisted records may lag what the last leader heard), and so does a
+            // heartbeat stream that reopened (reports in the broken one may be lost).
+            v.full_round_asked.insert(id)
+        };
         Ok(pdpb::StoreHeartbeatResponse {
             header: None,
             gc_safe_point: self.node.state.read().gc_safe_point,
             state: store.state,
+            require_region_reports,
         })
     }
 
@@ -406,7 +428,7 @@ impl Cluster {
             metapb::StoreState::Offline => Ok(()),
             metapb::StoreState::Up => {
                 let schedulable = self
-                    .snapshot()
+                    .stores_snapshot()
                     .stores
                     .values()
                     .filter(|s| s.id != id && s.is_schedulable())
@@ -432,7 +454,9 @@ impl Cluster {
     // ---------------- regions ----------------
 
     pub fn register_stream(&self, store_id: u64, tx: StreamTx) {
-        self.vol.write().streams.insert(store_id, tx);
+        let mut v = self.vol.write();
+        v.streams.insert(store_id, tx);
+        v.full_round_asked.remove(&store_id);
     }
 
     pub fn region_heartbeat(
@@ -440,6 +464,7 @@ impl Cluster {
         req: pdpb::RegionHeartbeatRequest,
     ) -> PdResult<Option<pdpb::RegionHeartbeatResponse>> {
         self.ensure_leader()?;
+        REGION_HEARTBEATS.inc();
         let region = req
             .region
             .clone()
@@ -477,6 +502,9 @@ impl Cluster {
         }
         {
             let mut v = self.vol.write();
+            for gone in &upd.removed {
+                v.region_stats.remove(gone);
+            }
             let stat = v.region_stats.entry(region.id).or_default();
             stat.approximate_size = req.approximate_size;
             stat.approximate_keys = req.approximate_keys;
@@ -495,11 +523,24 @@ impl Cluster {
         if upd.epoch_changed || upd.leader_changed {
             self.mark_dirty(region.id);
         }
-        let snap = self.snapshot();
+        // O(stores + log regions): the stores with their kept counts and this one region,
+        // never a copy of the whole cluster.
+        let (snap, view) = {
+            let st = self.node.state.read();
+            let v = self.vol.read();
+            let Some(view) = st
+                .regions
+                .get(region.id)
+                .and_then(|rec| self.region_view(rec, &v))
+            else {
+                return Ok(None);
+            };
+            (self.partial_snapshot(&st, &v, std::iter::empty()), view)
+        };
         Ok(self
             .coord
             .lock()
-            .on_region(&snap, &region, Some(&leader), &mut FreshIds(&self.ids)))
+            .on_region(&snap, &view, &mut FreshIds(&self.ids)))
     }
 
     pub fn get_region(&self, key: &[u8]) -> PdResult<RegionRecord> {
@@ -623,14 +664,39 @@ impl Cluster {
 
     // ---------------- scheduling ----------------
 
-    /// The cluster as the schedulers see it now.
-    pub fn snapshot(&self) -> ClusterSnapshot {
+    /// The stores as the schedulers see them (health, and peer and leader counts kept by the
+    /// region tree), with views of `regions` only: never a copy of the whole cluster.
+    fn partial_snapshot<'a>(
+        &self,
+        st: &MetaState,
+        v: &Volatile,
+        regions: impl Iterator<Item = &'a RegionRecord>,
+    ) -> ClusterSnapshot {
+        let mut snap = ClusterSnapshot {
+            stores: self.store_views(st, v),
+            regions: regions.filter_map(|rec| self.region_view(rec, v)).collect(),
+        };
+        for s in snap.stores.values_mut() {
+            let c = st.regions.store_count(s.id);
+            s.region_count = c.regions;
+            s.leader_count = c.leaders;
+        }
+        snap
+    }
+
+    /// The stores with their counts (no region).
+    fn stores_snapshot(&self) -> ClusterSnapshot {
         let st = self.node.state.read();
         let v = self.vol.read();
+        self.partial_snapshot(&st, &v, std::iter::empty())
+    }
+
+    /// Every store's state and health (counts left at zero).
+    fn store_views(&self, st: &MetaState, v: &Volatile) -> HashMap<u64, StoreView> {
         let since = v.since.unwrap_or_else(Instant::now);
         let disconnect = self.cfg.schedule.store_disconnect_time.0;
         let down = self.cfg.schedule.max_store_down_time.0;
-        let mut snap = ClusterSnapshot::default();
+        let mut stores = HashMap::with_capacity(st.stores.len());
         for s in st.stores.values() {
             // A store never heard from during this leadership counts from its start.
             let silent = v
@@ -639,7 +705,7 @@ impl Cluster {
                 .copied()
                 .unwrap_or(since)
                 .elapsed();
-            snap.stores.insert(
+            stores.insert(
                 s.id,
                 StoreView {
                     id: s.id,
@@ -650,44 +716,44 @@ impl Cluster {
                 },
             );
         }
-        snap.regions = st
-            .regions
-            .regions
-            .values()
-            .filter_map(|rec| {
-                let region = rec.region.clone()?;
-                let stat = v.region_stats.get(&region.id).cloned().unwrap_or_default();
-                // A peer its leader reports down is replaced only once it has been down for
-                // max-store-down-time, as a down store is (a restart or a short partition
-                // must not move data).
-                let since_report = stat.reported_at.map_or(0, |t| t.elapsed().as_secs());
-                let long_down_peers = stat
-                    .down_peers
-                    .iter()
-                    .filter(|(_, secs)| secs + since_report >= down.as_secs())
-                    .map(|(id, _)| *id)
-                    .collect();
-                Some(RegionView {
-                    region,
-                    leader: rec.leader,
-                    approximate_size: stat.approximate_size,
-                    down_peers: stat.down_peers.iter().map(|(id, _)| *id).collect(),
-                    long_down_peers,
-                    pending_peers: stat.pending_peers,
-                })
-            })
+        stores
+    }
+
+    /// One region as the schedulers see it: its record and what its leader last reported.
+    fn region_view(&self, rec: &RegionRecord, v: &Volatile) -> Option<RegionView> {
+        let down = self.cfg.schedule.max_store_down_time.0;
+        let region = rec.region.clone()?;
+        let stat = v.region_stats.get(&region.id).cloned().unwrap_or_default();
+        // A peer its leader reports down is replaced only once it has been down for
+        // max-store-down-time, as a down store is (a restart or a short partition must not
+        // move data).
+        let since_report = stat.reported_at.map_or(0, |t| t.elapsed().as_secs());
+        let long_down_peers = stat
+            .down_peers
+            .iter()
+            .filter(|(_, secs)| secs + since_report >= down.as_secs())
+            .map(|(id, _)| *id)
             .collect();
-        snap.regions.sort_by_key(|r| r.region.id);
-        snap.count_regions();
-        snap
+        Some(RegionView {
+            region,
+            leader: rec.leader,
+            approximate_size: stat.approximate_size,
+            down_peers: stat.down_peers.iter().map(|(id, _)| *id).collect(),
+            long_down_peers,
+            pending_peers: stat.pending_peers,
+        })
     }
 
     /// Sends a step to the region's leader over its store's heartbeat stream.
-    fn push(&self, snap: &ClusterSnapshot, resp: pdpb::RegionHeartbeatResponse) {
-        let Some(r) = snap.regions.iter().find(|r| r.region.id == resp.region_id) else {
-            return;
-        };
-        let Some(store) = r.leader_store() else {
+    fn push(&self, resp: pdpb::RegionHeartbeatResponse) {
+        let leader = self
+            .node
+            .state
+            .read()
+            .regions
+            .get(resp.region_id)
+            .and_then(|rec| rec.leader);
+        let Some(store) = leader.map(|l| l.store_id) else {
             return;
         };
         let tx = self.vol.read().streams.get(&store).cloned();
@@ -706,10 +772,17 @@ impl Cluster {
         if let Err(e) = self.ids.reserve(256).await {
             tracing::debug!(error = %e, "reserve ids");
         }
-        let snap = self.snapshot();
+        // The next slice of the region patrol (in key order, wrapping around), with the stores.
+        let snap = {
+            let st = self.node.state.read();
+            let mut v = self.vol.write();
+            let (slice, next) = st.regions.patrol(&v.patrol_cursor, PATROL_BATCH);
+            v.patrol_cursor = next;
+            self.partial_snapshot(&st, &v, slice.into_iter())
+        };
         let steps = self.coord.lock().tick(&snap, &mut FreshIds(&self.ids));
         for s in steps {
-            self.push(&snap, s);
+            self.push(s);
         }
         // Re-send running steps now and then (a step or its result may have been lost).
         let resend = {
@@ -723,9 +796,14 @@ impl Cluster {
             due
         };
         if resend {
-            let steps = self.coord.lock().running_steps(&snap);
+            let lookup = |id: u64| {
+                let st = self.node.state.read();
+                let v = self.vol.read();
+                st.regions.get(id).and_then(|rec| self.region_view(rec, &v))
+            };
+            let steps = self.coord.lock().running_steps(&lookup);
             for s in steps {
-                self.push(&snap, s);
+                self.push(s);
             }
         }
         // Offline stores that hold nothing any more become tombstone.

@@ -41,11 +41,20 @@ fn read_u64(v: &[u8]) -> u64 {
     v.try_into().map(u64::from_be_bytes).unwrap_or(0)
 }
 
-/// Regions by id and by start key.
+/// Regions by id and by start key, with per-store peer and leader counts kept up to date on
+/// every change (so a heartbeat never has to count the whole cluster).
 #[derive(Default, Clone)]
 pub struct RegionTree {
-    pub regions: HashMap<u64, RegionRecord>,
-    pub by_start: BTreeMap<Vec<u8>, u64>,
+    regions: HashMap<u64, RegionRecord>,
+    by_start: BTreeMap<Vec<u8>, u64>,
+    counts: HashMap<u64, StoreCount>,
+}
+
+/// How many region peers and leaders a store holds, as the region records say.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StoreCount {
+    pub regions: usize,
+    pub leaders: usize,
 }
 
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -64,6 +73,79 @@ fn epoch(r: &metapb::Region) -> metapb::RegionEpoch {
 impl RegionTree {
     pub fn get(&self, id: u64) -> Option<&RegionRecord> {
         self.regions.get(&id)
+    }
+
+    /// Every record, in no particular order.
+    pub fn iter(&self) -> impl Iterator<Item = &RegionRecord> {
+        self.regions.values()
+    }
+
+    /// The peer and leader counts of `store_id`.
+    pub fn store_count(&self, store_id: u64) -> StoreCount {
+        self.counts.get(&store_id).copied().unwrap_or_default()
+    }
+
+    /// Up to `limit` records in key order from the one holding `from` (the first if `from` is
+    /// empty), and where the next call should start: empty once the last region is included,
+    /// so repeated calls patrol every region in turn.
+    pub fn patrol(&self, from: &[u8], limit: usize) -> (Vec<&RegionRecord>, Vec<u8>) {
+        let mut out = Vec::with_capacity(limit.min(self.regions.len()));
+        let mut next = vec![];
+        for (start, id) in self.by_start.range(from.to_vec()..) {
+            if out.len() >= limit {
+                next = start.clone();
+                break;
+            }
+            if let Some(rec) = self.regions.get(id) {
+                out.push(rec);
+            }
+        }
+        (out, next)
+    }
+
+    /// Adds (`add`) or takes away a record's peers and leader from the store counts.
+    fn account(&mut self, rec: &RegionRecord, add: bool) {
+        let Some(r) = rec.region.as_ref() else { return };
+        let mut bump = |store: u64, leader: bool| {
+            let c = self.counts.entry(store).or_default();
+            let n = if leader {
+                &mut c.leaders
+            } else {
+                &mut c.regions
+            };
+            if add {
+                *n += 1;
+            } else {
+                *n = n.saturating_sub(1);
+            }
+            if *c == StoreCount::default() {
+                self.counts.remove(&store);
+            }
+        };
+        for p in &r.peers {
+            bump(p.store_id, false);
+        }
+        if let Some(l) = rec.leader.as_ref() {
+            if r.peers.iter().any(|p| p.id == l.id) {
+                bump(l.store_id, true);
+            }
+        }
+    }
+
+    /// Inserts `rec` (replacing the record of the same id) and keeps the indexes.
+    fn insert(&mut self, rec: RegionRecord) {
+        self.account(&rec, true);
+        if let Some(old) = rec
+            .region
+            .as_ref()
+            .and_then(|r| self.regions.get(&r.id))
+            .cloned()
+        {
+            self.account(&old, false);
+        }
+        let r = rec.region.as_ref().expect("inserted records have a body");
+        self.by_start.insert(r.start_key.clone(), r.id);
+        self.regions.insert(r.id, rec);
     }
 
     /// The region holding `key`.
@@ -191,25 +273,20 @@ impl RegionTree {
             return out;
         }
         for id in doomed {
-            if let Some(o) = self.regions.remove(&id) {
-                let s = o.region.map(|r| r.start_key).unwrap_or_default();
-                if self.by_start.get(&s) == Some(&id) {
-                    self.by_start.remove(&s);
-                }
-            }
+            self.remove(id);
             out.removed.push(id);
         }
         let mut rec = rec;
         if rec.leader.is_none() {
             rec.leader = self.regions.get(&region.id).and_then(|o| o.leader);
         }
-        self.by_start.insert(region.start_key.clone(), region.id);
-        self.regions.insert(region.id, rec);
+        self.insert(rec);
         out
     }
 
     pub fn remove(&mut self, id: u64) {
         if let Some(o) = self.regions.remove(&id) {
+            self.account(&o, false);
             let s = o.region.map(|r| r.start_key).unwrap_or_default();
             if self.by_start.get(&s) == Some(&id) {
                 self.by_start.remove(&s);
@@ -434,5 +511,118 @@ mod tests {
         // Leader change only.
         let u = t.update(rec(2, b"m", b"", 2, Some(21)));
         assert!(u.leader_changed && !u.epoch_changed);
+    }
+
+    /// The counts a full scan of the records gives.
+    fn recount(t: &RegionTree) -> HashMap<u64, StoreCount> {
+        let mut c: HashMap<u64, StoreCount> = HashMap::new();
+        for rec in t.iter() {
+            let r = rec.region.as_ref().unwrap();
+            for p in &r.peers {
+                c.entry(p.store_id).or_default().regions += 1;
+            }
+            if let Some(l) = rec.leader.filter(|l| r.peers.iter().any(|p| p.id == l.id)) {
+                c.entry(l.store_id).or_default().leaders += 1;
+            }
+        }
+        c
+    }
+
+    #[test]
+    fn patrol_visits_every_region_in_slices_and_wraps() {
+        let mut t = RegionTree::default();
+        let keys: Vec<Vec<u8>> = (0..10u8).map(|i| vec![b'a' + i]).collect();
+        for (i, k) in keys.iter().enumerate() {
+            let end = keys.get(i + 1).cloned().unwrap_or_default();
+            let start = if i == 0 { vec![] } else { k.clone() };
+            t.update(rec(i as u64 + 1, &start, &end, 1, None));
+        }
+        let mut seen = vec![];
+        let mut cursor = vec![];
+        for round in 0..4 {
+            let (slice, next) = t.patrol(&cursor, 3);
+            assert!(slice.len() <= 3);
+            seen.extend(slice.iter().map(|r| r.region.as_ref().unwrap().id));
+            if round == 3 {
+                assert!(next.is_empty(), "the last slice wraps");
+            }
+            cursor = next;
+        }
+        assert_eq!(seen, (1..=10).collect::<Vec<u64>>());
+        // The next slice starts over; a cursor whose region went away starts at the next one.
+        assert_eq!(t.patrol(&cursor, 1).0[0].region.as_ref().unwrap().id, 1);
+        t.remove(5);
+        let (slice, _) = t.patrol(&keys[4], 2);
+        let ids: Vec<u64> = slice
+            .iter()
+            .map(|r| r.region.as_ref().unwrap().id)
+            .collect();
+        assert_eq!(ids, vec![6, 7]);
+    }
+
+    #[test]
+    fn store_counts_follow_every_change() {
+        // Splits, merges by eviction, peer moves, leader changes, stale and deposed reports and
+        // removals, in a seeded random order; after each, the counts kept as records change
+        // equal a full recount.
+        let mut t = RegionTree::default();
+        let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut next = |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        for step in 0..5_000u64 {
+            let id = 1 + next(40);
+            let lo = next(26) as u8;
+            let hi = lo + 1 + next(4) as u8;
+            let stores: Vec<u64> = (0..3).map(|i| 1 + (id + i + next(2)) % 5).collect();
+            let peers: Vec<metapb::Peer> = stores
+                .iter()
+                .enumerate()
+                .map(|(i, s)| metapb::Peer {
+                    id: id * 100 + i as u64,
+                    store_id: *s,
+                    role: 0,
+                })
+                .collect();
+            let leader = match next(4) {
+                0 => None,
+                1 => Some(metapb::Peer {
+                    id: 9_999,
+                    store_id: 1,
+                    role: 0,
+                }),
+                n => Some(peers[n as usize - 1]),
+            };
+            if next(20) == 0 {
+                t.remove(id);
+            } else {
+                t.update(RegionRecord {
+                    region: Some(metapb::Region {
+                        id,
+                        start_key: vec![b'a' + lo],
+                        end_key: vec![b'a' + hi],
+                        region_epoch: Some(metapb::RegionEpoch {
+                            conf_ver: 1 + next(3),
+                            version: 1 + step / 50 + next(2),
+                        }),
+                        peers,
+                    }),
+                    leader,
+                    leader_term: next(5),
+                });
+            }
+            let want = recount(&t);
+            for s in 1..=5 {
+                assert_eq!(
+                    t.store_count(s),
+                    want.get(&s).copied().unwrap_or_default(),
+                    "store {s} after step {step}"
+                );
+            }
+        }
+        assert!(!t.is_empty());
     }
 }

@@ -125,16 +125,25 @@ fn a_thousand_idle_regions_cost_little_cpu() {
             .collect::<Vec<_>>()
     );
     let cpu0 = atoll_util::sys::process_cpu_time();
+    let hb0 = c.pd.heartbeats.load(std::sync::atomic::Ordering::Relaxed);
     let t0 = Instant::now();
     std::thread::sleep(Duration::from_secs(10));
     let cpu = atoll_util::sys::process_cpu_time() - cpu0;
     let frac = cpu.as_secs_f64() / t0.elapsed().as_secs_f64();
+    let heartbeats = c.pd.heartbeats.load(std::sync::atomic::Ordering::Relaxed) - hb0;
     eprintln!(
-        "1000 idle regions on 3 stores: {:.2}% of one core over {:?}",
+        "1000 idle regions on 3 stores: {:.2}% of one core, {heartbeats} region heartbeats \
+         over {:?}",
         frac * 100.0,
         t0.elapsed()
     );
     assert!(frac < 0.15, "idle cost {:.1}% of a core", frac * 100.0);
+    // Unchanged regions do not report (five pd-heartbeat-intervals of 2 s passed: reporting
+    // on a clock would be 5,000).
+    assert!(
+        heartbeats < 100,
+        "{heartbeats} heartbeats from idle regions in 10 s"
+    );
     // And they wake for work.
     c.must_put(b"r00500x", b"awake");
     c.must_get_equal(b"r00500x", b"awake");

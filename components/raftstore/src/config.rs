@@ -52,8 +52,13 @@ pub struct Config {
     /// Ticks a leader must be idle before its region hibernates.
     pub hibernate_after_ticks: usize,
 
-    /// How often leaders report their regions to PD (and on every change).
+    /// How often leaders check whether their region changed since they last reported it to
+    /// PD (leader, epoch, peers, down or pending peers, size, keys, written bytes beyond a
+    /// threshold) and report it if so. Leadership, split and membership changes are reported
+    /// at once, whatever this says.
     pub pd_heartbeat_interval: ReadableDuration,
+    /// A leader whose region did not change reports it anyway after this long.
+    pub pd_heartbeat_max_interval: ReadableDuration,
     /// How often the store reports itself to PD.
     pub pd_store_heartbeat_interval: ReadableDuration,
     /// A peer not heard from this long counts as down in region heartbeats.
@@ -107,6 +112,7 @@ impl Default for Config {
             hibernate_regions: true,
             hibernate_after_ticks: 20,
             pd_heartbeat_interval: ReadableDuration::secs(10),
+            pd_heartbeat_max_interval: ReadableDuration::secs(300),
             pd_store_heartbeat_interval: ReadableDuration::secs(2),
             max_peer_down_duration: ReadableDuration::secs(30),
             store_liveness_timeout: ReadableDuration::secs(3),
@@ -142,6 +148,12 @@ impl Config {
         }
         if self.raft_heartbeat_ticks == 0 {
             return Err(invalid("raft-heartbeat-ticks", "must be positive"));
+        }
+        if self.pd_heartbeat_max_interval.0 < self.pd_heartbeat_interval.0 {
+            return Err(invalid(
+                "pd-heartbeat-max-interval",
+                "must be at least pd-heartbeat-interval",
+            ));
         }
         if self.raft_election_timeout_ticks <= self.raft_heartbeat_ticks {
             return Err(invalid(

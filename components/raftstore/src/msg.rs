@@ -101,6 +101,11 @@ pub enum CasualMessage {
     CompactLog { index: u64 },
     /// Send a region heartbeat to PD now.
     HeartbeatPd,
+    /// The periodic check: report to PD if the region changed since the last report (or
+    /// the last one is older than `pd-heartbeat-max-interval`).
+    PeriodicHeartbeatPd,
+    /// The last region heartbeat did not reach PD: report at the next periodic check.
+    PdReportLost,
     /// Start an election now, as if the election timeout had passed (tests and operators).
     Campaign,
 }

@@ -6,9 +6,9 @@
 use super::balance::{balance_leaders, balance_regions};
 use super::checker::check_replicas;
 use super::operator::{OpKind, OpStatus, Operator};
-use super::{ClusterSnapshot, IdSource};
+use super::{ClusterSnapshot, IdSource, RegionView};
 use crate::config::ScheduleConfig;
-use atoll_proto::{metapb, pdpb};
+use atoll_proto::pdpb;
 use std::collections::{HashMap, HashSet};
 
 pub struct Coordinator {
@@ -71,15 +71,16 @@ impl Coordinator {
 
     /// A region reported itself: advance its operator, or check its replicas. Returns the
     /// step to send to the leader, if any.
+    /// `snap` needs only the stores (with their counts): `view` is the region.
     pub fn on_region(
         &mut self,
         snap: &ClusterSnapshot,
-        region: &metapb::Region,
-        leader: Option<&metapb::Peer>,
+        view: &RegionView,
         ids: &mut dyn IdSource,
     ) -> Option<pdpb::RegionHeartbeatResponse> {
+        let region = &view.region;
         if let Some(op) = self.operators.get_mut(&region.id) {
-            match op.check(region, leader) {
+            match op.check(region, view.leader.as_ref()) {
                 OpStatus::Running(step) => {
                     if op.is_timed_out(self.cfg.operator_timeout.0) {
                         tracing::warn!(region_id = region.id, desc = %op.desc, "operator timed out");
@@ -103,7 +104,6 @@ impl Coordinator {
                 }
             }
         }
-        let view = snap.regions.iter().find(|r| r.region.id == region.id)?;
         let mut adjusted = snap.clone();
         for (s, n) in self.pending_snapshots() {
             if let Some(st) = adjusted.stores.get_mut(&s) {
@@ -216,13 +216,16 @@ impl Coordinator {
 
     /// The leader store of every region with a running operator and its current step
     /// (re-sent periodically in case a step was lost).
-    pub fn running_steps(&mut self, snap: &ClusterSnapshot) -> Vec<pdpb::RegionHeartbeatResponse> {
+    /// `region` looks a region up by id (the operators are few; the regions may be many).
+    pub fn running_steps(
+        &mut self,
+        region: &dyn Fn(u64) -> Option<RegionView>,
+    ) -> Vec<pdpb::RegionHeartbeatResponse> {
         let mut out = vec![];
-        for r in &snap.regions {
-            if let Some(op) = self.operators.get_mut(&r.region.id) {
-                if let OpStatus::Running(step) = op.check(&r.region, r.leader.as_ref()) {
-                    out.push(step.to_response(&r.region));
-                }
+        for (id, op) in self.operators.iter_mut() {
+            let Some(r) = region(*id) else { continue };
+            if let OpStatus::Running(step) = op.check(&r.region, r.leader.as_ref()) {
+                out.push(step.to_response(&r.region));
             }
         }
         out

@@ -156,10 +156,13 @@ impl<E: KvEngine> StoreContext<E> {
         }
     }
 
-    pub fn schedule_pd(&self, task: PdTask) {
+    /// Hands `task` to the PD worker; false if its queue is full (the task is dropped).
+    pub fn schedule_pd(&self, task: PdTask) -> bool {
         if self.pd_tx.try_send(task).is_err() {
             self.metrics.on_dropped("pd_queue_full");
+            return false;
         }
+        true
     }
 
     /// Hands the messages parked for `region_id` (they arrived before its peer existed) to

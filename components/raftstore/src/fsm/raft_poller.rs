@@ -103,7 +103,9 @@ impl<E: KvEngine> PeerFsm<E> {
                     tracing::debug!(tag = %self.peer.tag, error = %e, "campaign failed");
                 }
             }
-            CasualMessage::HeartbeatPd => self.on_heartbeat_pd(ctx),
+            CasualMessage::HeartbeatPd => self.on_heartbeat_pd(ctx, true),
+            CasualMessage::PeriodicHeartbeatPd => self.on_heartbeat_pd(ctx, false),
+            CasualMessage::PdReportLost => self.peer.last_pd_report = None,
         }
     }
 }

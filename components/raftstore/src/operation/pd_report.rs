@@ -32,7 +32,15 @@ impl<E: KvEngine> Peer<E> {
         }
     }
 
+    /// Reports the region to PD now.
     pub fn heartbeat_pd(&mut self, ctx: &StoreContext<E>) {
+        self.report_to_pd(ctx, true);
+    }
+
+    /// Reports the region to PD if `force`, or if PD's view of it is out of date: something
+    /// PD schedules by changed (see [`PdReport::differs`]), or the last report is older than
+    /// `pd-heartbeat-max-interval`. An idle region costs PD nothing between those.
+    pub fn report_to_pd(&mut self, ctx: &StoreContext<E>, force: bool) {
         if !self.is_leader() || !self.is_initialized() {
             return;
         }
@@ -71,6 +79,36 @@ impl<E: KvEngine> Peer<E> {
                 }
             }
         }
+        let report = PdReport {
+            term: self.term(),
+            region: self.region().clone(),
+            down_peers: down_peers
+                .iter()
+                .filter_map(|d| d.peer.map(|p| p.id))
+                .collect(),
+            pending_peers: pending_peers.iter().map(|p| p.id).collect(),
+            approximate_size: self.approximate_size.unwrap_or(0),
+            approximate_keys: self.approximate_keys.unwrap_or(0),
+        };
+        let due = force
+            || self.written_bytes >= REPORT_WRITTEN_BYTES
+            || self.written_keys >= REPORT_WRITTEN_KEYS
+            || match &self.last_pd_report {
+                None => true,
+                Some((last, at)) => {
+                    last.differs(&report) || at.elapsed() >= ctx.cfg.pd_heartbeat_max_interval.0
+                }
+            };
+        if !due {
+            return;
+        }
+        // The period the written figures cover.
+        let since_last = self
+            .last_pd_report
+            .as_ref()
+            .map_or(ctx.cfg.pd_heartbeat_interval.0, |(_, at)| {
+                now.duration_since(*at)
+            });
         let req = pdpb::RegionHeartbeatRequest {
             header: None,
             region: Some(self.region().clone()),
@@ -84,9 +122,44 @@ impl<E: KvEngine> Peer<E> {
             approximate_size: self.approximate_size.unwrap_or(0),
             approximate_keys: self.approximate_keys.unwrap_or(0),
             term: self.term(),
-            interval_secs: ctx.cfg.pd_heartbeat_interval.0.as_secs(),
+            interval_secs: since_last.as_secs().max(1),
         };
-        ctx.schedule_pd(PdTask::Heartbeat(Box::new(req)));
+        // Remembered only once handed on: a report dropped here goes out at the next check.
+        if ctx.schedule_pd(PdTask::Heartbeat(Box::new(req))) {
+            self.last_pd_report = Some((report, now));
+        }
+    }
+}
+
+/// Written bytes or keys since the last report that make the next periodic check report.
+const REPORT_WRITTEN_BYTES: u64 = 4 << 20;
+const REPORT_WRITTEN_KEYS: u64 = 10_000;
+
+/// What a region heartbeat told PD: the parts PD routes and schedules by.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PdReport {
+    pub term: u64,
+    pub region: atoll_proto::metapb::Region,
+    pub down_peers: Vec<u64>,
+    pub pending_peers: Vec<u64>,
+    pub approximate_size: u64,
+    pub approximate_keys: u64,
+}
+
+impl PdReport {
+    /// Whether PD should hear `now`: a new term, epoch, range or peer set, other down or
+    /// pending peers, or size or keys moved by more than an eighth (and more than 1 MiB /
+    /// 1,000 keys: small regions do not chatter).
+    pub fn differs(&self, now: &PdReport) -> bool {
+        fn moved(a: u64, b: u64, floor: u64) -> bool {
+            a.abs_diff(b) > (a / 8).max(floor)
+        }
+        self.term != now.term
+            || self.region != now.region
+            || self.down_peers != now.down_peers
+            || self.pending_peers != now.pending_peers
+            || moved(self.approximate_size, now.approximate_size, 1 << 20)
+            || moved(self.approximate_keys, now.approximate_keys, 1_000)
     }
 }
 
@@ -168,13 +241,88 @@ impl<E: KvEngine> PeerFsm<E> {
             .map(|p| p.id)
     }
 
-    /// Leader: a region heartbeat now. Follower (asked by the store: this peer blocks a
-    /// range): is it still a member?
-    pub(crate) fn on_heartbeat_pd(&mut self, ctx: &StoreContext<E>) {
+    /// Leader: a region heartbeat now (`force`), or if PD's view is out of date. Follower
+    /// (asked by the store: this peer blocks a range): is it still a member?
+    pub(crate) fn on_heartbeat_pd(&mut self, ctx: &StoreContext<E>, force: bool) {
         if self.peer.is_leader() {
-            self.peer.heartbeat_pd(ctx);
+            self.peer.report_to_pd(ctx, force);
         } else {
             self.peer.request_validation(ctx);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::PdReport;
+    use atoll_proto::metapb;
+
+    fn report() -> PdReport {
+        PdReport {
+            term: 5,
+            region: metapb::Region {
+                id: 1,
+                region_epoch: Some(metapb::RegionEpoch {
+                    conf_ver: 2,
+                    version: 3,
+                }),
+                ..Default::default()
+            },
+            down_peers: vec![],
+            pending_peers: vec![],
+            approximate_size: 64 << 20,
+            approximate_keys: 100_000,
+        }
+    }
+
+    #[test]
+    fn only_what_pd_schedules_by_makes_a_report() {
+        let a = report();
+        assert!(!a.differs(&a.clone()));
+        // Size and keys: within an eighth is noise, beyond it news.
+        let small = PdReport {
+            approximate_size: (64 << 20) + (7 << 20),
+            approximate_keys: 110_000,
+            ..a.clone()
+        };
+        assert!(!a.differs(&small));
+        let grown = PdReport {
+            approximate_size: 80 << 20,
+            ..a.clone()
+        };
+        assert!(a.differs(&grown));
+        let more_keys = PdReport {
+            approximate_keys: 120_000,
+            ..a.clone()
+        };
+        assert!(a.differs(&more_keys));
+        // A tiny region does not report every few keys.
+        let tiny = PdReport {
+            approximate_size: 10_000,
+            approximate_keys: 10,
+            ..a.clone()
+        };
+        let tiny2 = PdReport {
+            approximate_size: 500_000,
+            approximate_keys: 900,
+            ..tiny.clone()
+        };
+        assert!(!tiny.differs(&tiny2));
+        // Term, epoch, down and pending peers always.
+        assert!(a.differs(&PdReport {
+            term: 6,
+            ..a.clone()
+        }));
+        let mut split = a.clone();
+        split.region.region_epoch.as_mut().unwrap().version = 4;
+        assert!(a.differs(&split));
+        assert!(a.differs(&PdReport {
+            down_peers: vec![7],
+            ..a.clone()
+        }));
+        assert!(a.differs(&PdReport {
+            pending_peers: vec![7],
+            ..a.clone()
+        }));
     }
 }

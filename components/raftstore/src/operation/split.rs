@@ -111,11 +111,13 @@ impl<E: KvEngine> PeerFsm<E> {
         cb: Option<WriteCallback>,
     ) {
         match self.check_split_request(epoch, &split_keys) {
-            Ok(()) => ctx.schedule_pd(PdTask::AskSplit {
-                region: self.peer.region().clone(),
-                split_keys,
-                cb,
-            }),
+            Ok(()) => {
+                ctx.schedule_pd(PdTask::AskSplit {
+                    region: self.peer.region().clone(),
+                    split_keys,
+                    cb,
+                });
+            }
             Err(e) => {
                 if let Some(cb) = cb {
                     cb(Err(e));

@@ -82,6 +82,8 @@ pub struct Peer<E: KvEngine> {
     pub raft_log_size_hint: u64,
     pub written_bytes: u64,
     pub written_keys: u64,
+    /// What the last region heartbeat told PD, and when (heartbeats are sent on change).
+    pub(crate) last_pd_report: Option<(crate::operation::pd_report::PdReport, Instant)>,
     /// The store's view of whether this peer is a leader ready to serve local snapshots.
     pub(crate) published: Option<(u64, bool, Option<u64>)>,
     /// Campaign on start (the new half of a split whose parent this store led).
@@ -174,6 +176,7 @@ impl<E: KvEngine> Peer<E> {
             raft_log_size_hint: 0,
             written_bytes: 0,
             written_keys: 0,
+            last_pd_report: None,
             published: None,
             campaign_on_start: false,
             lease: Arc::new(LeaderLease::new()),

@@ -8,6 +8,7 @@ mod crate_map;
 mod hibernation;
 mod life;
 mod log_gc;
+mod pd_report;
 mod query;
 mod ready;
 mod split;

@@ -38,6 +38,7 @@ pub async fn run<E: KvEngine>(
     region_hb.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     region_hb.tick().await;
     let mut housekeeping = tokio::time::interval(Duration::from_secs(10));
+    let last_full_round = Arc::new(parking_lot::Mutex::new(None));
     loop {
         tokio::select! {
             task = rx.recv() => {
@@ -47,19 +48,36 @@ pub async fn run<E: KvEngine>(
             _ = store_hb.tick() => {
                 let pd = pd.clone();
                 let s = stats();
+                let ctx = ctx.clone();
+                let asked = last_full_round.clone();
+                let min_gap = ctx.cfg.pd_heartbeat_interval.0;
                 tokio::spawn(async move {
                     fail::fail_point!(crate::failpoints::PD_STORE_HEARTBEAT, |_| ());
-                    if let Err(e) = pd.store_heartbeat(s).await {
-                        tracing::debug!(error = %e, "store heartbeat");
+                    match pd.store_heartbeat(s).await {
+                        Err(e) => tracing::debug!(error = %e, "store heartbeat"),
+                        Ok(resp) if resp.require_region_reports => {
+                            // A new PD leader: every leader here reports now (at most one
+                            // such round per pd-heartbeat-interval).
+                            let due = {
+                                let mut last = asked.lock();
+                                let due = last.is_none_or(|t: std::time::Instant| t.elapsed() >= min_gap);
+                                if due {
+                                    *last = Some(std::time::Instant::now());
+                                }
+                                due
+                            };
+                            if due {
+                                tell_leaders(&ctx, || CasualMessage::HeartbeatPd);
+                            }
+                        }
+                        Ok(_) => {}
                     }
                 });
             }
             _ = region_hb.tick() => {
-                // Every leader reports (hibernating ones too: a message, not a wake-up).
-                let leaders: Vec<u64> = ctx.meta.lock().readers.iter().filter(|(_, d)| d.term > 0).map(|(id, _)| *id).collect();
-                for id in leaders {
-                    let _ = ctx.router.try_send(id, PeerMsg::Casual(CasualMessage::HeartbeatPd));
-                }
+                // Every leader checks whether PD's view of its region is out of date and
+                // reports only then (hibernating ones too: a message, not a wake-up).
+                tell_leaders(&ctx, || CasualMessage::PeriodicHeartbeatPd);
             }
             _ = housekeeping.tick() => {
                 ctx.meta.lock().expire_parked(Duration::from_secs(30));
@@ -70,15 +88,43 @@ pub async fn run<E: KvEngine>(
     }
 }
 
+/// Sends `msg()` to every region this store leads.
+fn tell_leaders<E: KvEngine>(ctx: &StoreContext<E>, msg: impl Fn() -> CasualMessage) {
+    let leaders: Vec<u64> = ctx
+        .meta
+        .lock()
+        .readers
+        .iter()
+        .filter(|(_, d)| d.term > 0)
+        .map(|(id, _)| *id)
+        .collect();
+    for id in leaders {
+        let _ = ctx.router.try_send(id, PeerMsg::Casual(msg()));
+    }
+}
+
 fn handle<E: KvEngine>(ctx: &Arc<StoreContext<E>>, pd: &Arc<dyn PdClient>, task: PdTask) {
     let pd = pd.clone();
     let ctx = ctx.clone();
     match task {
         PdTask::Heartbeat(req) => {
             tokio::spawn(async move {
-                fail::fail_point!(crate::failpoints::PD_REGION_HEARTBEAT, |_| ());
-                if let Err(e) = pd.region_heartbeat(*req).await {
-                    tracing::debug!(error = %e, "region heartbeat");
+                let region_id = req.region.as_ref().map_or(0, |r| r.id);
+                let dropped = (|| {
+                    fail::fail_point!(crate::failpoints::PD_REGION_HEARTBEAT, |_| true);
+                    false
+                })();
+                let sent = if dropped {
+                    Err("dropped by failpoint".to_string())
+                } else {
+                    pd.region_heartbeat(*req).await.map_err(|e| e.to_string())
+                };
+                if let Err(e) = sent {
+                    tracing::debug!(region_id, error = %e, "region heartbeat");
+                    // PD did not hear it: the next periodic check reports again.
+                    let _ = ctx
+                        .router
+                        .try_send(region_id, PeerMsg::Casual(CasualMessage::PdReportLost));
                 }
             });
         }
