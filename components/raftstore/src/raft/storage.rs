@@ -246,8 +246,28 @@ impl<E: KvEngine> PeerStorage<E> {
         tag: String,
         cache_limit: usize,
     ) -> crate::Result<Self> {
-        let raft_state = load_raft_state(&engine, region.id)?.unwrap_or_default();
+        let mut raft_state = load_raft_state(&engine, region.id)?.unwrap_or_default();
         let apply_state = load_apply_state(&engine, region.id)?.unwrap_or_default();
+        if apply_state.applied_index > raft_state.commit {
+            // Entries a round learnt were committed (raft-rs's light ready after the append)
+            // go to the apply side at once, while the commit index that says so is persisted
+            // with the next round's hard state: a crash in between leaves the apply state
+            // ahead of the persisted commit. Applied entries were committed, so the commit
+            // index moves up to them (raft-rs refuses to start with applied > committed).
+            if apply_state.applied_index > raft_state.last_index {
+                return Err(crate::Error::Other(format!(
+                    "{tag} applied index {} is past the last log index {}",
+                    apply_state.applied_index, raft_state.last_index
+                )));
+            }
+            tracing::info!(
+                tag = %tag,
+                commit = raft_state.commit,
+                applied = apply_state.applied_index,
+                "commit index forwarded to the applied index"
+            );
+            raft_state.commit = apply_state.applied_index;
+        }
         Ok(PeerStorage {
             engine,
             region,

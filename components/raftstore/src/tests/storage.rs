@@ -305,3 +305,34 @@ fn held_fetches_return_nothing_but_appends_still_read() {
         3
     );
 }
+
+/// A crash after the apply side wrote its state for entries the raft side learnt were
+/// committed, before the round that persists that commit index: on restart the applied index is
+/// past the persisted commit. The storage forwards the commit index, and raft starts (it used
+/// to panic: "applied(8) is out of range [prev_applied(5), min(committed(5), persisted(9))]",
+/// seen on a store restarted by scripts/bench-scale.sh).
+#[test]
+fn a_restart_with_applied_past_the_persisted_commit_forwards_the_commit() {
+    let engine = MemoryEngine::new();
+    let mut s = new_storage(&engine, 1 << 20);
+    must_append(&engine, &mut s, &entries(FIRST, 10, RAFT_INIT_LOG_TERM));
+    assert_eq!(s.raft_state.commit, RAFT_INIT_LOG_INDEX);
+    let mut wb = engine.write_batch();
+    let mut apply = storage::initial_apply_state();
+    apply.applied_index = 8;
+    apply.applied_term = RAFT_INIT_LOG_TERM;
+    storage::write_apply_state(&mut wb, 1, &apply).unwrap();
+    engine.write(wb, true).unwrap();
+
+    let s = PeerStorage::new(engine.clone(), region(), "[test]".into(), 1 << 20).unwrap();
+    assert_eq!(s.initial_state().unwrap().hard_state.commit, 8);
+    let cfg = raft::Config {
+        id: 2,
+        applied: s.applied_index(),
+        ..Default::default()
+    };
+    let logger = slog::Logger::root(slog::Discard, slog::o!());
+    let node = raft::RawNode::new(&cfg, s, &logger).unwrap();
+    assert_eq!(node.raft.raft_log.committed, 8);
+    assert_eq!(node.raft.raft_log.applied, 8);
+}
