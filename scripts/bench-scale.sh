@@ -62,6 +62,12 @@ for i in 1 2 3; do start_pd "$i"; done
 for i in 1 2 3; do start_store "$i"; done
 for _ in $(seq 1 200); do kv put __ready 1 >/dev/null 2>&1 && break; sleep 0.3; done
 kv put __ready 1 >/dev/null
+# Split only once the first region has its 3 replicas: its splits inherit them.
+for _ in $(seq 1 300); do
+  peers=$(kv --output json regions | python3 -c 'import json, sys; print(min(len(r["peers"]) for r in json.load(sys.stdin)["regions"]))')
+  [ "$peers" -ge 3 ] && break
+  sleep 0.5
+done
 log "cluster up; splitting into $regions regions ($batch split keys per call)"
 t0=$(now)
 made=1
