@@ -84,8 +84,8 @@ enum Cmd {
         reverse: bool,
         #[arg(long)]
         keys_only: bool,
-        /// Also print (JSON: `"revision"`) the etcd revision the scan read at; a watch from it
-        /// + 1 misses nothing the scan did not see. Off by default: the JSON answer stays
+        /// Also print (JSON: `"revision"`) the etcd revision the scan read at; a watch from
+        /// it plus 1 misses nothing the scan did not see. Off by default: the JSON answer stays
         /// `{"kvs":[...]}` as scripts expect.
         #[arg(long)]
         with_revision: bool,

@@ -174,6 +174,8 @@ impl Auth for AuthService {
         req: Request<AuthUserGetRequest>,
     ) -> Result<Response<AuthUserGetResponse>, Status> {
         let caller = self.auth().caller_of(&req).await?;
+        // Read as etcd reads it: every change made before the call, on any store.
+        self.auth().refresh().await?;
         let name = req.into_inner().name;
         let s = self.auth().state();
         // etcd: root, or the user itself.
@@ -194,6 +196,7 @@ impl Auth for AuthService {
         req: Request<AuthUserListRequest>,
     ) -> Result<Response<AuthUserListResponse>, Status> {
         self.admin(&req).await?;
+        self.auth().refresh().await?;
         Ok(Response::new(AuthUserListResponse {
             header: self.header(),
             users: self.auth().state().users.keys().cloned().collect(),
@@ -228,6 +231,7 @@ impl Auth for AuthService {
     ) -> Result<Response<AuthUserChangePasswordResponse>, Status> {
         self.admin(&req).await?;
         let r = req.into_inner();
+        self.auth().refresh().await?;
         let Some(u) = self.auth().state().users.get(&r.name).cloned() else {
             return Err(errors::user_not_found());
         };
@@ -343,6 +347,8 @@ impl Auth for AuthService {
         req: Request<AuthRoleGetRequest>,
     ) -> Result<Response<AuthRoleGetResponse>, Status> {
         let caller = self.auth().caller_of(&req).await?;
+        // Read as etcd reads it: every change made before the call, on any store.
+        self.auth().refresh().await?;
         let role = req.into_inner().role;
         let s = self.auth().state();
         // etcd: root, or a user that has the role.
@@ -369,6 +375,7 @@ impl Auth for AuthService {
         req: Request<AuthRoleListRequest>,
     ) -> Result<Response<AuthRoleListResponse>, Status> {
         self.admin(&req).await?;
+        self.auth().refresh().await?;
         Ok(Response::new(AuthRoleListResponse {
             header: self.header(),
             roles: self.auth().state().roles.keys().cloned().collect(),
