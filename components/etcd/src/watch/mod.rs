@@ -380,12 +380,13 @@ impl StreamState {
     }
 
     /// etcd's `isWatchPermitted`: read on the watched range.
-    fn permitted(&self, c: &WatchCreateRequest) -> Result<(), Status> {
+    async fn permitted(&self, c: &WatchCreateRequest) -> Result<(), Status> {
         let caller = self.caller.clone()?;
         self.hub
             .ctx
             .auth
-            .check(&caller, &[Need::read(&c.key, &c.range_end)])
+            .check_fresh(&caller, &[Need::read(&c.key, &c.range_end)])
+            .await
     }
 
     async fn fresh_revision(&self) -> u64 {
@@ -401,7 +402,7 @@ impl StreamState {
             r.cancel_reason = why.to_string();
             r
         };
-        if let Err(e) = self.permitted(&c) {
+        if let Err(e) = self.permitted(&c).await {
             // etcd's answer: a created-and-canceled response whose reason is the gRPC error.
             let why = format!("rpc error: code = {:?} desc = {}", e.code(), e.message());
             let r = refuse(self.header(now), &why);
