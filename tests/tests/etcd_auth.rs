@@ -82,6 +82,29 @@ async fn range(addr: &str, token: &str, key: &str) -> Result<usize, tonic::Statu
         .len())
 }
 
+/// A gateway POST with `token` as the `Authorization` header: status and body.
+fn http_auth(addr: &str, token: &str, path: &str, body: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: {token}\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).expect("answer");
+    let code = raw
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = raw.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    (code, body.to_string())
+}
+
 /// `etcdctl watch` for `user` on `prefix` for at most `secs`: its output.
 fn watch_briefly(ep: &str, user: &str, prefix: &str, secs: u64, then: impl FnOnce()) -> String {
     let mut w = Command::new("timeout")
@@ -388,6 +411,21 @@ fn etcdctl_and_kvctl_users_roles_and_permissions() {
         let gw: Value = serde_json::from_str(&body).unwrap();
         let gw_token = gw["token"].as_str().unwrap().to_string();
         assert_eq!(range(s2, &gw_token, "/a/x").await.unwrap(), 1);
+        // The gateway's own calls: the Authorization header is the token.
+        let (code, body) = http(s0, "POST", "/v3/kv/range", r#"{"key":"L2EveA=="}"#).unwrap();
+        assert_eq!(code, 400, "{body}");
+        assert!(body.contains("etcdserver: user name is empty"), "{body}");
+        let (code, body) = http_auth(s2, &gw_token, "/v3/kv/range", r#"{"key":"L2EveA=="}"#);
+        assert_eq!(code, 200, "{body}");
+        assert!(body.contains("\"count\":\"1\""), "{body}");
+        let (code, body) = http_auth(s2, &gw_token, "/v3/kv/range", r#"{"key":"L2IveA=="}"#);
+        assert_eq!(code, 403, "{body}");
+        assert!(body.contains("etcdserver: permission denied"), "{body}");
+        let (code, body) = http_auth(s2, &gw_token, "/v3/auth/user/list", "{}");
+        assert_eq!(code, 403, "{body}");
+        let (code, body) = http_auth(s2, "nonsense", "/v3/kv/range", r#"{"key":"L2EveA=="}"#);
+        assert_eq!(code, 401, "{body}");
+        assert!(body.contains("etcdserver: invalid auth token"), "{body}");
 
         // A password change (through the API: etcdctl reads the new one from a terminal)
         // ends the tokens issued before it.
