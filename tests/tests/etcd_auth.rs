@@ -285,6 +285,10 @@ fn etcdctl_and_kvctl_users_roles_and_permissions() {
         ),
         "permission denied",
     );
+    refused(
+        kvctl_as(&c, Some(ALICE), &["watch", "/b/", "--prefix"]),
+        "permission denied",
+    );
     let scan = ok(kvctl_as(&c, Some(ALICE), &["scan", "/a/", "/a0"]));
     assert!(scan.contains("/a/x"), "{scan}");
     refused(
