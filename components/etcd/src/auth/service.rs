@@ -137,6 +137,7 @@ impl Auth for AuthService {
         if r.name.is_empty() {
             return Err(errors::user_empty());
         }
+        self.auth().refresh().await?;
         if self.auth().state().users.contains_key(&r.name) {
             return Err(errors::user_already_exist());
         }
