@@ -24,7 +24,7 @@ use atoll_proto::v3lockpb::{LockRequest, UnlockRequest};
 use serde_json::json;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::Code;
 
 #[derive(clap::Args, Debug)]
@@ -51,12 +51,12 @@ pub struct ElectArgs {
 }
 
 fn channel(addr: &str) -> anyhow::Result<Channel> {
-    Ok(Endpoint::from_shared(format!("http://{addr}"))?
-        .connect_timeout(Duration::from_secs(3))
-        .http2_keep_alive_interval(Duration::from_secs(2))
-        .keep_alive_timeout(Duration::from_secs(3))
-        .keep_alive_while_idle(true)
-        .connect_lazy())
+    crate::etcd::channel_with(addr, |ep| {
+        ep.connect_timeout(Duration::from_secs(3))
+            .http2_keep_alive_interval(Duration::from_secs(2))
+            .keep_alive_timeout(Duration::from_secs(3))
+            .keep_alive_while_idle(true)
+    })
 }
 
 /// The client addresses of the stores that are up.

@@ -109,7 +109,7 @@ async fn follow(
     prev_kv: bool,
     json_out: bool,
 ) -> anyhow::Result<()> {
-    let mut wc = WatchClient::connect(format!("http://{addr}")).await?;
+    let mut wc = WatchClient::new(crate::etcd::channel(addr)?);
     let create = WatchRequest {
         request_union: Some(RequestUnion::CreateRequest(WatchCreateRequest {
             key: key.to_vec(),

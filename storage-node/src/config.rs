@@ -22,6 +22,8 @@ pub struct NodeConfig {
     pub storage: StorageConfig,
     pub rocksdb: RocksDbConfig,
     pub raftstore: atoll_raftstore::Config,
+    /// TLS (`[security]`: cert-file, key-file, trusted-ca-file, client-cert-auth, peer-*).
+    pub security: atoll_util::tls::SecurityConfig,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -45,6 +47,7 @@ impl Default for NodeConfig {
             storage: StorageConfig::default(),
             rocksdb: RocksDbConfig::default(),
             raftstore: atoll_raftstore::Config::default(),
+            security: Default::default(),
         }
     }
 }
@@ -115,6 +118,7 @@ impl NodeConfig {
         self.raftstore
             .validate()
             .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        self.security.validate().map_err(ConfigError::Invalid)?;
         Ok(())
     }
 
