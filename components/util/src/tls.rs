@@ -200,13 +200,16 @@ impl SecurityConfig {
         Ok(())
     }
 
-    /// The client-facing port: a store's (where members also connect) or PD's client port.
-    pub fn client_port(&self) -> Result<Option<ServerTls>, String> {
+    /// A port served with `(cert, key)`, or nothing when TLS is off; `tune` sets the rest.
+    fn port(
+        &self,
+        (cert, key): (&str, &str),
+        tune: impl FnOnce(&mut ServerSpec),
+    ) -> Result<Option<ServerTls>, String> {
         if !self.enabled() {
             return Ok(None);
         }
-        let (cert, key) = self.server_cert();
-        ServerTls::new(ServerSpec {
+        let mut spec = ServerSpec {
             cert_file: cert.into(),
             key_file: key.into(),
             client_ca_files: self.all_cas(),
@@ -215,52 +218,39 @@ impl SecurityConfig {
             allowed_cn: self.peer_cert_allowed_cn.clone(),
             members_only: false,
             alpn: vec![b"h2".to_vec(), b"http/1.1".to_vec()],
-        })
-        .map(Some)
+        };
+        tune(&mut spec);
+        ServerTls::new(spec).map(Some)
+    }
+
+    /// The client-facing port: a store's (where members also connect) or PD's client port.
+    pub fn client_port(&self) -> Result<Option<ServerTls>, String> {
+        self.port(self.server_cert(), |_| {})
     }
 
     /// PD's peer port: members only.
     pub fn peer_port(&self) -> Result<Option<ServerTls>, String> {
-        if !self.enabled() {
-            return Ok(None);
-        }
-        let (cert, key) = self.peer_cert();
-        ServerTls::new(ServerSpec {
-            cert_file: cert.into(),
-            key_file: key.into(),
-            client_ca_files: vec![self.peer_ca().into()],
-            require_client_cert: true,
-            member_ca_file: self.peer_ca().into(),
-            allowed_cn: self.peer_cert_allowed_cn.clone(),
-            members_only: true,
-            alpn: vec![b"h2".to_vec()],
+        self.port(self.peer_cert(), |s| {
+            s.client_ca_files = vec![s.member_ca_file.clone()];
+            s.require_client_cert = true;
+            s.members_only = true;
+            s.alpn = vec![b"h2".to_vec()];
         })
-        .map(Some)
     }
 
     /// The status port (`/metrics`, `/status`, `/fail`): HTTPS (HTTP/1.1), client certificates
     /// required with `--client-cert-auth`.
     pub fn status_port(&self) -> Result<Option<ServerTls>, String> {
-        if !self.enabled() {
-            return Ok(None);
-        }
-        let (cert, key) = self.server_cert();
-        ServerTls::new(ServerSpec {
-            cert_file: cert.into(),
-            key_file: key.into(),
-            client_ca_files: if self.client_cert_auth {
-                self.all_cas()
-            } else {
-                vec![]
-            },
-            require_client_cert: self.client_cert_auth,
-            member_ca_file: String::new(),
-            allowed_cn: vec![],
-            members_only: false,
+        let auth = self.client_cert_auth;
+        self.port(self.server_cert(), |s| {
+            if !auth {
+                s.client_ca_files.clear();
+            }
+            s.member_ca_file.clear();
+            s.allowed_cn.clear();
             // No ALPN: HTTP/1.1 whatever the client offers (gRPC clients offer only h2).
-            alpn: vec![],
+            s.alpn.clear();
         })
-        .map(Some)
     }
 
     /// What this process dials other members with: its peer certificate, and the CAs that
