@@ -24,8 +24,6 @@ pub struct PdConfig {
     pub schedule: ScheduleConfig,
     pub tso: TsoConfig,
     pub gc: GcConfig,
-    /// TLS (`[security]`: cert-file, key-file, trusted-ca-file, client-cert-auth, peer-*).
-    pub security: atoll_util::tls::SecurityConfig,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -87,7 +85,6 @@ impl Default for PdConfig {
             schedule: ScheduleConfig::default(),
             tso: TsoConfig::default(),
             gc: GcConfig::default(),
-            security: Default::default(),
         }
     }
 }
@@ -281,7 +278,6 @@ impl PdConfig {
             ));
         }
         self.members()?;
-        self.security.validate().map_err(ConfigError::Invalid)?;
         Ok(())
     }
 }

@@ -7,13 +7,7 @@ use atoll_pd::PdConfig;
 use clap::Parser;
 
 #[derive(Parser, Debug)]
-// A flag given twice: the last one wins (scripts and tests append overrides).
-#[command(
-    name = "pd-server",
-    version,
-    about = "Atoll placement driver",
-    args_override_self = true
-)]
+#[command(name = "pd-server", version, about = "Atoll placement driver")]
 struct Args {
     #[arg(long)]
     name: Option<String>,
@@ -49,8 +43,6 @@ struct Args {
     /// TOML configuration; flags win over it.
     #[arg(long)]
     config: Option<String>,
-    #[command(flatten)]
-    security: atoll_util::tls::SecurityFlags,
 }
 
 fn build_config(a: Args) -> anyhow::Result<PdConfig> {
@@ -98,7 +90,6 @@ fn build_config(a: Args) -> anyhow::Result<PdConfig> {
     if let Some(v) = a.log_level {
         c.log_level = v;
     }
-    a.security.apply(&mut c.security);
     c.validate()?;
     Ok(c)
 }
