@@ -33,6 +33,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct LeaseBenchArgs {
@@ -409,7 +410,7 @@ const TICK: Duration = Duration::from_millis(20);
 /// reopens itself on the next connection when it breaks, until the bench stops.
 async fn keep_stream(
     j: usize,
-    channels: Vec<crate::etcd::EtcdChannel>,
+    channels: Vec<Channel>,
     leases: Arc<Mutex<StreamLeases>>,
     sh: Arc<Shared>,
     interval: Duration,
