@@ -134,18 +134,15 @@ impl RegionTree {
 
     /// Inserts `rec` (replacing the record of the same id) and keeps the indexes.
     fn insert(&mut self, rec: RegionRecord) {
+        let Some((id, start)) = rec.region.as_ref().map(|r| (r.id, r.start_key.clone())) else {
+            return;
+        };
         self.account(&rec, true);
-        if let Some(old) = rec
-            .region
-            .as_ref()
-            .and_then(|r| self.regions.get(&r.id))
-            .cloned()
-        {
+        if let Some(old) = self.regions.get(&id).cloned() {
             self.account(&old, false);
         }
-        let r = rec.region.as_ref().expect("inserted records have a body");
-        self.by_start.insert(r.start_key.clone(), r.id);
-        self.regions.insert(r.id, rec);
+        self.by_start.insert(start, id);
+        self.regions.insert(id, rec);
     }
 
     /// The region holding `key`.
