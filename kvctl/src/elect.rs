@@ -14,6 +14,7 @@
 //! - `elect NAME`: observes the election, one line per leader value (each leader, each value
 //!   it proclaims), until Ctrl-C / SIGTERM.
 
+use crate::etcd::EtcdChannel;
 use atoll_client::Client;
 use atoll_proto::etcdserverpb::lease_client::LeaseClient;
 use atoll_proto::etcdserverpb::{LeaseGrantRequest, LeaseKeepAliveRequest, LeaseRevokeRequest};
@@ -24,7 +25,7 @@ use atoll_proto::v3lockpb::{LockRequest, UnlockRequest};
 use serde_json::json;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Endpoint;
 use tonic::Code;
 
 #[derive(clap::Args, Debug)]
@@ -50,13 +51,15 @@ pub struct ElectArgs {
     pub ttl: i64,
 }
 
-fn channel(addr: &str) -> anyhow::Result<Channel> {
-    Ok(Endpoint::from_shared(format!("http://{addr}"))?
-        .connect_timeout(Duration::from_secs(3))
-        .http2_keep_alive_interval(Duration::from_secs(2))
-        .keep_alive_timeout(Duration::from_secs(3))
-        .keep_alive_while_idle(true)
-        .connect_lazy())
+fn channel(addr: &str) -> anyhow::Result<EtcdChannel> {
+    Ok(crate::etcd::with_token(
+        Endpoint::from_shared(format!("http://{addr}"))?
+            .connect_timeout(Duration::from_secs(3))
+            .http2_keep_alive_interval(Duration::from_secs(2))
+            .keep_alive_timeout(Duration::from_secs(3))
+            .keep_alive_while_idle(true)
+            .connect_lazy(),
+    ))
 }
 
 /// The client addresses of the stores that are up.

@@ -24,18 +24,54 @@ pub fn parse_endpoints(list: &str) -> Vec<String> {
         .collect()
 }
 
+/// The token of `--user` (etcd's `Authenticate`), sent with every call once set.
+static TOKEN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// Sends `token` (gRPC metadata `token`, etcd's key) with every call of this process.
+pub fn set_token(token: String) {
+    let _ = TOKEN.set(token);
+}
+
+/// The token set by [`set_token`].
+pub fn token() -> Option<&'static str> {
+    TOKEN.get().map(String::as_str)
+}
+
+fn add_token(mut r: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
+    if let Some(t) = token() {
+        let v = t
+            .parse()
+            .map_err(|_| Status::invalid_argument("the auth token is not ASCII"))?;
+        r.metadata_mut().insert("token", v);
+    }
+    Ok(r)
+}
+
+/// A channel that carries the token of `--user`, if any.
+pub type EtcdChannel = tonic::codegen::InterceptedService<
+    Channel,
+    fn(tonic::Request<()>) -> Result<tonic::Request<()>, Status>,
+>;
+
+/// `ch` with the token of `--user`.
+pub fn with_token(ch: Channel) -> EtcdChannel {
+    tonic::codegen::InterceptedService::new(ch, add_token as fn(_) -> _)
+}
+
 /// A lazily connected channel to one endpoint (no request timeout: streams stay open).
-pub fn channel(url: &str) -> anyhow::Result<Channel> {
-    Ok(Endpoint::from_shared(url.to_string())?
-        .connect_timeout(Duration::from_secs(3))
-        .tcp_nodelay(true)
-        .connect_lazy())
+pub fn channel(url: &str) -> anyhow::Result<EtcdChannel> {
+    Ok(with_token(
+        Endpoint::from_shared(url.to_string())?
+            .connect_timeout(Duration::from_secs(3))
+            .tcp_nodelay(true)
+            .connect_lazy(),
+    ))
 }
 
 /// The endpoints of one command, and which one it is talking to now.
 pub struct Etcd {
     urls: Vec<String>,
-    channels: Vec<Channel>,
+    channels: Vec<EtcdChannel>,
     current: AtomicUsize,
     /// Limit of one unary call on one endpoint.
     pub timeout: Duration,
@@ -71,7 +107,7 @@ impl Etcd {
     }
 
     /// The endpoint in use and its channel.
-    pub fn current(&self) -> (&str, Channel) {
+    pub fn current(&self) -> (&str, EtcdChannel) {
         let i = self.current.load(Ordering::Relaxed) % self.urls.len();
         (&self.urls[i], self.channels[i].clone())
     }
@@ -85,7 +121,7 @@ impl Etcd {
     /// does not answer within the timeout) is left for the next, each tried once.
     pub async fn call<T, F, Fut>(&self, mut f: F) -> anyhow::Result<T>
     where
-        F: FnMut(Channel) -> Fut,
+        F: FnMut(EtcdChannel) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, Status>>,
     {
         let mut last = None;

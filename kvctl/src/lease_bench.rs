@@ -33,7 +33,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Channel;
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct LeaseBenchArgs {
@@ -410,7 +409,7 @@ const TICK: Duration = Duration::from_millis(20);
 /// reopens itself on the next connection when it breaks, until the bench stops.
 async fn keep_stream(
     j: usize,
-    channels: Vec<Channel>,
+    channels: Vec<crate::etcd::EtcdChannel>,
     leases: Arc<Mutex<StreamLeases>>,
     sh: Arc<Shared>,
     interval: Duration,

@@ -1,6 +1,7 @@
 //! `kvctl`: the Atoll command line — data, cluster, bench, playground.
 //! Exit status 0 on success; otherwise a one-line error on stderr and a non-zero status.
 
+mod auth;
 mod bench;
 mod elect;
 mod etcd;
@@ -34,6 +35,13 @@ struct Cli {
     /// HTTP/2 connections to each store (requests are spread over them).
     #[arg(long, global = true, default_value_t = 1)]
     conns: usize,
+    /// Authenticate as NAME (etcdctl's `--user NAME[:PASSWORD]`; without a password, --password
+    /// or a prompt). Every request then carries the user's token.
+    #[arg(long, global = true)]
+    user: Option<String>,
+    /// The password of --user (etcdctl's `--password`).
+    #[arg(long, global = true, requires = "user")]
+    password: Option<String>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -136,6 +144,21 @@ enum Cmd {
     Bench(bench::BenchArgs),
     /// A local PD and N storage nodes in this process, until Ctrl-C.
     Playground(playground::PlaygroundArgs),
+    /// Authentication: enable, disable, status (etcd's Auth API, as etcdctl).
+    Auth {
+        #[command(subcommand)]
+        cmd: auth::AuthCmd,
+    },
+    /// Users: add, delete, get, list, passwd, grant-role, revoke-role.
+    User {
+        #[command(subcommand)]
+        cmd: auth::UserCmd,
+    },
+    /// Roles: add, delete, get, list, grant-permission, revoke-permission.
+    Role {
+        #[command(subcommand)]
+        cmd: auth::RoleCmd,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -161,7 +184,9 @@ async fn client(cli: &Cli) -> anyhow::Result<Arc<Client>> {
     cfg.timeout = Duration::from_secs_f64(cli.timeout.max(0.1));
     cfg.rpc_timeout = cfg.timeout.min(Duration::from_secs(5));
     cfg.connections_per_store = cli.conns.max(1);
-    Ok(Client::connect(cfg).await?)
+    let c = Client::connect(cfg).await?;
+    c.set_token(etcd::token().map(str::to_string));
+    Ok(c)
 }
 
 fn read_value(
@@ -225,8 +250,30 @@ async fn etcd_endpoints(cli: &Cli, explicit: Option<&str>) -> anyhow::Result<etc
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let out = cli.output;
+    if let (Some(user), false) = (&cli.user, matches!(cli.cmd, Cmd::Playground(_))) {
+        let (name, password) = auth::credentials(user, cli.password.as_deref())?;
+        let e = etcd_endpoints(&cli, None).await?;
+        match auth::login(&e, &name, &password).await {
+            Ok(t) => etcd::set_token(t),
+            // As etcd's clients: with auth disabled there is no token to send.
+            Err(err) if err.to_string() == "etcdserver: authentication is not enabled" => {}
+            Err(err) => return Err(err),
+        }
+    }
     match &cli.cmd {
         Cmd::Playground(a) => return playground::run(a.clone()).await,
+        Cmd::Auth { cmd } => {
+            let e = etcd_endpoints(&cli, None).await?;
+            return auth::auth(&e, cmd.clone(), out == Output::Json).await;
+        }
+        Cmd::User { cmd } => {
+            let e = etcd_endpoints(&cli, None).await?;
+            return auth::user(&e, cmd.clone(), out == Output::Json).await;
+        }
+        Cmd::Role { cmd } => {
+            let e = etcd_endpoints(&cli, None).await?;
+            return auth::role(&e, cmd.clone(), out == Output::Json).await;
+        }
         Cmd::Lease(a) => {
             let e = etcd_endpoints(&cli, a.endpoints.as_deref()).await?;
             let Cmd::Lease(a) = cli.cmd else {
@@ -582,7 +629,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         | Cmd::Playground(_)
         | Cmd::WatchBench(_)
         | Cmd::Lease(_)
-        | Cmd::LeaseBench(_) => unreachable!("handled above"),
+        | Cmd::LeaseBench(_)
+        | Cmd::Auth { .. }
+        | Cmd::User { .. }
+        | Cmd::Role { .. } => unreachable!("handled above"),
     }
     Ok(())
 }

@@ -73,6 +73,8 @@ pub async fn run(c: &Client, args: WatchArgs, json_out: bool) -> anyhow::Result<
             Ok(()) => return Ok(()),
             // History below the compaction point is gone on every store: no retry helps.
             Err(e) if e.is::<Compacted>() => return Err(e),
+            // So is a refusal of the user's (or a missing user's) watch.
+            Err(e) if e.is::<Refused>() => return Err(e),
             Err(e) => {
                 eprintln!("kvctl: watch through {addr}: {e}; going on from revision {next_rev}");
                 tokio::time::sleep(Duration::from_millis(500)).await;
@@ -100,6 +102,25 @@ impl std::fmt::Display for Compacted {
 
 impl std::error::Error for Compacted {}
 
+/// etcd's errors for a watch refused by authentication or authorization.
+const AUTH_REFUSALS: &[&str] = &[
+    "etcdserver: permission denied",
+    "etcdserver: user name is empty",
+    "etcdserver: invalid auth token",
+];
+
+/// The watch was refused: its cancel reason.
+#[derive(Debug)]
+struct Refused(String);
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "watch canceled: {}", self.0)
+    }
+}
+
+impl std::error::Error for Refused {}
+
 /// Watches through one store until it fails; `next_rev` follows what was printed.
 async fn follow(
     addr: &str,
@@ -109,7 +130,7 @@ async fn follow(
     prev_kv: bool,
     json_out: bool,
 ) -> anyhow::Result<()> {
-    let mut wc = WatchClient::connect(format!("http://{addr}")).await?;
+    let mut wc = WatchClient::new(crate::etcd::channel(&format!("http://{addr}"))?);
     let create = WatchRequest {
         request_union: Some(RequestUnion::CreateRequest(WatchCreateRequest {
             key: key.to_vec(),
@@ -130,7 +151,12 @@ async fn follow(
                 }
                 .into());
             }
-            anyhow::bail!("watch canceled: {}", resp.cancel_reason);
+            let why = &resp.cancel_reason;
+            if AUTH_REFUSALS.iter().any(|r| why.contains(r)) {
+                // Another store answers the same: no retry helps.
+                return Err(Refused(why.clone()).into());
+            }
+            anyhow::bail!("watch canceled: {why}");
         }
         if resp.created && *next_rev == 0 {
             // From now: a resume starts right after the revision the watch began at.

@@ -19,6 +19,9 @@ pub struct NodeConfig {
     pub status_addr: String,
     pub advertise_status_addr: String,
     pub log_level: String,
+    /// How long an auth token from etcd's `Authenticate` stays valid, in seconds (etcd's
+    /// `--auth-token-ttl`).
+    pub auth_token_ttl: u64,
     pub storage: StorageConfig,
     pub rocksdb: RocksDbConfig,
     pub raftstore: atoll_raftstore::Config,
@@ -42,6 +45,7 @@ impl Default for NodeConfig {
             status_addr: "127.0.0.1:20180".into(),
             advertise_status_addr: String::new(),
             log_level: "info".into(),
+            auth_token_ttl: atoll_etcd::auth::DEFAULT_TOKEN_TTL_SECS,
             storage: StorageConfig::default(),
             rocksdb: RocksDbConfig::default(),
             raftstore: atoll_raftstore::Config::default(),
@@ -93,6 +97,11 @@ impl NodeConfig {
         }
         if self.addr.is_empty() {
             return Err(ConfigError::Invalid("--addr must not be empty".into()));
+        }
+        if self.auth_token_ttl == 0 {
+            return Err(ConfigError::Invalid(
+                "--auth-token-ttl must be at least 1 (seconds)".into(),
+            ));
         }
         if self.storage.max_key_size.0 == 0 || self.storage.max_value_size.0 == 0 {
             return Err(ConfigError::Invalid(

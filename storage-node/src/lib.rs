@@ -5,7 +5,7 @@
 //! | --- | --- |
 //! | [`config`] | the node's configuration (TOML + flags) |
 //! | [`node`] | start-up (identity, bootstrap, registration), the client port (Atoll's and etcd's APIs, `atoll-etcd`) and graceful shutdown |
-//! | [`service`] | the `Kv` gRPC service (a thin shell over `atoll_storage::Storage`, where the request semantics live) |
+//! | [`service`] | the `Kv` gRPC service (a thin shell over `atoll_storage::Storage`, where the request semantics live; with auth on, each call checked for its user first: `atoll_etcd::auth`) |
 
 pub mod config;
 pub mod node;

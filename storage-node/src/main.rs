@@ -45,6 +45,9 @@ struct Args {
     lease_checkpoint_interval: Option<String>,
     #[arg(long)]
     log_level: Option<String>,
+    /// Seconds an auth token stays valid (etcd's flag; default 300).
+    #[arg(long)]
+    auth_token_ttl: Option<u64>,
     /// Test-only: serve `unsafe_local_read` requests (reads on any peer without ReadIndex).
     #[arg(long, hide = true)]
     allow_unsafe_local_read: bool,
@@ -106,6 +109,9 @@ fn build_config(a: Args) -> anyhow::Result<NodeConfig> {
     }
     if let Some(v) = a.log_level {
         c.log_level = v;
+    }
+    if let Some(v) = a.auth_token_ttl {
+        c.auth_token_ttl = v;
     }
     if a.allow_unsafe_local_read {
         c.storage.allow_unsafe_local_read = true;

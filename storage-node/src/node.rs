@@ -53,6 +53,40 @@ async fn connect_pd(cfg: &NodeConfig, patience: Duration) -> anyhow::Result<RpcP
     }
 }
 
+/// The store's Ed25519 signing key from `<data-dir>/auth-key` (32 bytes, mode 0600), made on
+/// first start.
+fn load_auth_key(dir: &std::path::Path) -> anyhow::Result<atoll_etcd::auth::token::SigningKey> {
+    let path = dir.join("auth-key");
+    match std::fs::read(&path) {
+        Ok(b) => {
+            let bytes: [u8; 32] = b.as_slice().try_into().map_err(|_| {
+                anyhow::anyhow!("{}: not a 32-byte key ({} bytes)", path.display(), b.len())
+            })?;
+            Ok(atoll_etcd::auth::token::SigningKey::from_bytes(&bytes))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let key = atoll_etcd::auth::token::new_key();
+            let tmp = dir.join("auth-key.tmp");
+            {
+                use std::io::Write;
+                use std::os::unix::fs::OpenOptionsExt;
+                let mut f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .mode(0o600)
+                    .open(&tmp)
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", tmp.display()))?;
+                f.write_all(&key.to_bytes())?;
+                f.sync_all()?;
+            }
+            std::fs::rename(&tmp, &path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+            Ok(key)
+        }
+        Err(e) => Err(anyhow::anyhow!("{}: {e}", path.display())),
+    }
+}
+
 /// Store id from disk, or a fresh one from PD.
 async fn store_identity(engine: &Engine, pd: &dyn PdClient) -> anyhow::Result<u64> {
     let cluster_id = pd.cluster_id();
@@ -157,7 +191,12 @@ impl Node {
             version: env!("CARGO_PKG_VERSION").into(),
             start_timestamp: started,
             last_heartbeat_ms: 0,
+            auth_key: vec![],
         };
+        // The key this store signs auth tokens with; its public half goes to PD with the
+        // store record, where every other store finds it.
+        let auth_key = load_auth_key(&cfg.data_dir)?;
+        meta.auth_key = auth_key.verifying_key().to_bytes().to_vec();
         // The first region must be on disk before the raftstore loads its regions.
         maybe_bootstrap(&engine, pd.as_ref(), &meta).await?;
 
@@ -205,15 +244,6 @@ impl Node {
             storage.clone().run_lease_timers(stop_rx.clone()),
         ));
 
-        let kv = KvServer::new(KvService::new(storage.clone()))
-            .max_decoding_message_size(64 << 20)
-            .max_encoding_message_size(64 << 20);
-        let raft = RaftServer::new(RaftService::new(
-            Arc::new(router.clone()),
-            cfg.raftstore.concurrent_recv_snap_limit,
-        ))
-        .max_decoding_message_size(64 << 20)
-        .max_encoding_message_size(64 << 20);
         // One port, as etcd's: Atoll's own services, etcd's gRPC services and etcd's HTTP/JSON
         // gateway (HTTP/1.1 requests and non-gRPC HTTP/2 requests).
         let etcd = atoll_etcd::EtcdContext::new(
@@ -222,6 +252,25 @@ impl Node {
             pd.clone(),
             Arc::new(atoll_etcd::RocksLocalStore::new(router.clone())),
         );
+        etcd.auth.set_key(auth_key);
+        etcd.auth
+            .set_token_ttl(Duration::from_secs(cfg.auth_token_ttl.max(1)));
+        // The etcd layer checked its caller already: its calls to other stores carry this
+        // store's token (calls to this store are marked in process).
+        let auth = etcd.auth.clone();
+        let token: Arc<dyn Fn() -> Option<String> + Send + Sync> =
+            Arc::new(move || Some(auth.store_token()));
+        etcd.client.set_token_source(Some(token));
+        tasks.push(tokio::spawn(etcd.auth.clone().run_refresh(stop_rx.clone())));
+        let kv = KvServer::new(KvService::new(storage.clone(), etcd.auth.clone()))
+            .max_decoding_message_size(64 << 20)
+            .max_encoding_message_size(64 << 20);
+        let raft = RaftServer::new(RaftService::new(
+            Arc::new(router.clone()),
+            cfg.raftstore.concurrent_recv_snap_limit,
+        ))
+        .max_decoding_message_size(64 << 20)
+        .max_encoding_message_size(64 << 20);
         // The etcd layer's requests for regions this store leads go straight to its own KV
         // service, not through a socket to itself.
         etcd.client.serve_locally(&cfg.advertise(&addr), kv.clone());

@@ -35,6 +35,10 @@ pub enum Error {
     Server(String),
     #[error("region error: {0}")]
     Region(String),
+    /// Refused by authentication or authorization (`PermissionDenied`, `Unauthenticated`), with
+    /// the server's message (etcd's: `etcdserver: permission denied`, ...).
+    #[error("{1}")]
+    Auth(tonic::Code, String),
 }
 
 impl Error {

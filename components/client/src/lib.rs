@@ -129,6 +129,16 @@ pub type KvTransport = tower::util::BoxCloneSyncService<
     TransportError,
 >;
 
+/// Marks a request as made by a store's own client in the same process (set by
+/// [`Client::serve_locally`]'s transport, in the request's extensions, which no network client
+/// can set): the store's KV service knows the etcd layer checked the user already.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct InProcess;
+
+/// A token to send with every request (gRPC metadata `token`, etcd's key), or none. Asked
+/// for each request, so it can be renewed.
+pub type TokenSource = Arc<dyn Fn() -> Option<String> + Send + Sync>;
+
 /// A transport failure (the channel's error; an in-process service has none).
 #[derive(Debug, thiserror::Error)]
 #[error(transparent)]
@@ -147,6 +157,8 @@ pub struct Client {
     next_conn: std::sync::atomic::AtomicUsize,
     pool: tokio::sync::Mutex<TsPool>,
     stats: Mutex<ClientStats>,
+    /// The token requests over the network carry (none: no `token` metadata).
+    token: Arc<RwLock<Option<TokenSource>>>,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -183,7 +195,21 @@ impl Client {
             next_conn: std::sync::atomic::AtomicUsize::new(0),
             pool: tokio::sync::Mutex::new(TsPool { next: 0, end: 0 }),
             stats: Mutex::new(ClientStats::default()),
+            token: Arc::new(RwLock::new(None)),
         })
+    }
+
+    /// Sends `source`'s token (gRPC metadata `token`) with every request to a store over the
+    /// network from now on: a user's token from etcd's `Authenticate`, or a store's own
+    /// token for its calls to other stores. Requests served in process carry
+    /// [`InProcess`] instead.
+    pub fn set_token_source(&self, source: Option<TokenSource>) {
+        *self.token.write() = source;
+    }
+
+    /// Sends `token` with every request over the network (see [`Client::set_token_source`]).
+    pub fn set_token(&self, token: Option<String>) {
+        self.set_token_source(token.map(|t| Arc::new(move || Some(t.clone())) as TokenSource));
     }
 
     pub fn pd(&self) -> &Arc<dyn PdClient> {
@@ -237,6 +263,13 @@ impl Client {
             + 'static,
         S::Future: Send + 'static,
     {
+        let service = tower::ServiceExt::map_request(
+            service,
+            |mut r: tonic::codegen::http::Request<tonic::body::Body>| {
+                r.extensions_mut().insert(InProcess);
+                r
+            },
+        );
         let service = tower::ServiceExt::map_err(service, |e| -> TransportError { match e {} });
         let c = KvClient::new(KvTransport::new(service))
             .max_decoding_message_size(256 << 20)
@@ -268,6 +301,19 @@ impl Client {
                 .initial_stream_window_size(4 << 20)
                 .initial_connection_window_size(16 << 20)
                 .connect_lazy();
+            let token = self.token.clone();
+            let ch = tower::ServiceExt::map_request(
+                ch,
+                move |mut r: tonic::codegen::http::Request<tonic::body::Body>| {
+                    let source = token.read().clone();
+                    if let Some(t) = source.and_then(|s| s()) {
+                        if let Ok(v) = tonic::codegen::http::HeaderValue::from_str(&t) {
+                            r.headers_mut().insert("token", v);
+                        }
+                    }
+                    r
+                },
+            );
             let ch = tower::ServiceExt::map_err(ch, TransportError);
             cs.push(
                 KvClient::new(KvTransport::new(ch))
@@ -385,6 +431,12 @@ impl Client {
                     last = format!("store {} ({addr}): {}", peer.store_id, status.message());
                     if status.code() == tonic::Code::InvalidArgument {
                         return Err(Error::InvalidArgument(status.message().to_string()));
+                    }
+                    if matches!(
+                        status.code(),
+                        tonic::Code::PermissionDenied | tonic::Code::Unauthenticated
+                    ) {
+                        return Err(Error::Auth(status.code(), status.message().to_string()));
                     }
                     self.drop_conn(&addr);
                     self.cache.invalidate_store(peer.store_id);

@@ -8,6 +8,7 @@
 //! `can only promote a learner member` (every store is a voter); everything else gets
 //! `Unimplemented` with the way to do it.
 
+use crate::auth::Need;
 use crate::context::EtcdContext;
 use crate::errors;
 use atoll_proto::etcdserverpb::cluster_server::Cluster;
@@ -111,6 +112,7 @@ impl Cluster for ClusterService {
         if !valid_peer_urls(&request.get_ref().peer_ur_ls) {
             return Err(errors::member_bad_urls());
         }
+        self.ctx.auth.authorize(&request, &[Need::Admin]).await?;
         Err(errors::unimplemented(HOW_TO_ADD))
     }
 
@@ -118,6 +120,8 @@ impl Cluster for ClusterService {
         &self,
         request: Request<MemberRemoveRequest>,
     ) -> Result<Response<MemberRemoveResponse>, Status> {
+        // etcd's checkMembershipOperationPermission.
+        self.ctx.auth.authorize(&request, &[Need::Admin]).await?;
         self.must_be_member(request.get_ref().id).await?;
         Err(errors::unimplemented(HOW_TO_REMOVE))
     }
@@ -126,6 +130,8 @@ impl Cluster for ClusterService {
         &self,
         request: Request<MemberUpdateRequest>,
     ) -> Result<Response<MemberUpdateResponse>, Status> {
+        // etcd's checkMembershipOperationPermission.
+        self.ctx.auth.authorize(&request, &[Need::Admin]).await?;
         self.must_be_member(request.get_ref().id).await?;
         Err(errors::unimplemented(HOW_TO_UPDATE))
     }
@@ -146,6 +152,8 @@ impl Cluster for ClusterService {
         &self,
         request: Request<MemberPromoteRequest>,
     ) -> Result<Response<MemberPromoteResponse>, Status> {
+        // etcd's checkMembershipOperationPermission.
+        self.ctx.auth.authorize(&request, &[Need::Admin]).await?;
         self.must_be_member(request.get_ref().id).await?;
         Err(errors::member_not_learner())
     }

@@ -146,6 +146,8 @@ pub struct EtcdContext {
     /// Routes KV requests by key through a region cache (to this store or any other).
     pub client: Arc<Client>,
     pub local: Arc<dyn LocalStore>,
+    /// Users, roles and tokens (the cached auth state).
+    pub auth: Arc<crate::auth::AuthStore>,
     pub(crate) term: crate::header::TermCache,
     pub(crate) defrag: crate::maintenance::DefragState,
 }
@@ -170,12 +172,14 @@ impl EtcdContext {
         client: Arc<Client>,
         local: Arc<dyn LocalStore>,
     ) -> Arc<EtcdContext> {
+        let auth = crate::auth::AuthStore::new(store_id, client.clone(), pd.clone());
         Arc::new(EtcdContext {
             store_id,
             advertise_addr,
             pd,
             client,
             local,
+            auth,
             term: crate::header::TermCache::default(),
             defrag: crate::maintenance::DefragState::default(),
         })

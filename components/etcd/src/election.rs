@@ -27,6 +27,7 @@
 //! expired while it waited), where etcd's Campaign would answer success for a key that no
 //! longer exists.
 
+use crate::auth::Need;
 use crate::errors;
 use crate::kv::KvService;
 use crate::watch::WatchService;
@@ -111,7 +112,7 @@ pub fn grant_through<L: Lease>(lease: Arc<L>) -> GrantFn {
         Box::pin(async move {
             let r = Lease::lease_grant(
                 lease.as_ref(),
-                Request::new(LeaseGrantRequest { ttl, id: 0 }),
+                crate::auth::internal(LeaseGrantRequest { ttl, id: 0 }),
             )
             .await?
             .into_inner();
@@ -230,13 +231,13 @@ pub struct Recipes {
 
 impl Recipes {
     pub async fn range(&self, r: RangeRequest) -> Result<RangeResponse, Status> {
-        Ok(Kv::range(self.kv.as_ref(), Request::new(r))
+        Ok(Kv::range(self.kv.as_ref(), crate::auth::internal(r))
             .await?
             .into_inner())
     }
 
     pub async fn txn(&self, t: TxnRequest) -> Result<TxnResponse, Status> {
-        Ok(Kv::txn(self.kv.as_ref(), Request::new(t))
+        Ok(Kv::txn(self.kv.as_ref(), crate::auth::internal(t))
             .await?
             .into_inner())
     }
@@ -548,7 +549,7 @@ impl Recipes {
 /// The Election service.
 pub struct ElectionService {
     recipes: Arc<Recipes>,
-    ctx: Arc<crate::context::EtcdContext>,
+    pub(crate) ctx: Arc<crate::context::EtcdContext>,
 }
 
 impl ElectionService {
@@ -660,6 +661,12 @@ impl Election for ElectionService {
         &self,
         req: Request<CampaignRequest>,
     ) -> Result<Response<CampaignResponse>, Status> {
+        let needs = name_needs(&req.get_ref().name);
+        self.ctx
+            .auth
+            .authorize(&req, &needs)
+            .await
+            .map_err(as_etcd_answers)?;
         self.do_campaign(req.into_inner())
             .await
             .map(Response::new)
@@ -670,6 +677,12 @@ impl Election for ElectionService {
         &self,
         req: Request<ProclaimRequest>,
     ) -> Result<Response<ProclaimResponse>, Status> {
+        let needs = key_needs(req.get_ref().leader.as_ref().map(|l| l.key.as_slice()));
+        self.ctx
+            .auth
+            .authorize(&req, &needs)
+            .await
+            .map_err(as_etcd_answers)?;
         self.do_proclaim(req.into_inner())
             .await
             .map(Response::new)
@@ -680,6 +693,12 @@ impl Election for ElectionService {
         &self,
         req: Request<LeaderRequest>,
     ) -> Result<Response<LeaderResponse>, Status> {
+        let needs = vec![read_prefix(&req.get_ref().name)];
+        self.ctx
+            .auth
+            .authorize(&req, &needs)
+            .await
+            .map_err(as_etcd_answers)?;
         self.do_leader(req.into_inner())
             .await
             .map(Response::new)
@@ -692,6 +711,12 @@ impl Election for ElectionService {
         &self,
         req: Request<LeaderRequest>,
     ) -> Result<Response<Self::ObserveStream>, Status> {
+        let needs = vec![read_prefix(&req.get_ref().name)];
+        self.ctx
+            .auth
+            .authorize(&req, &needs)
+            .await
+            .map_err(as_etcd_answers)?;
         let rx = self.serve_observe(req.into_inner());
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
@@ -700,6 +725,12 @@ impl Election for ElectionService {
         &self,
         req: Request<ResignRequest>,
     ) -> Result<Response<ResignResponse>, Status> {
+        let needs = key_needs(req.get_ref().leader.as_ref().map(|l| l.key.as_slice()));
+        self.ctx
+            .auth
+            .authorize(&req, &needs)
+            .await
+            .map_err(as_etcd_answers)?;
         self.do_resign(req.into_inner())
             .await
             .map(Response::new)
@@ -765,6 +796,26 @@ impl ElectionService {
         tokio::spawn(observe(self.recipes.clone(), self.ctx.clone(), prefix, tx));
         rx
     }
+}
+
+/// Read on every key under election or lock `name` (`name/`).
+pub(crate) fn read_prefix(name: &[u8]) -> Need {
+    let p = election_prefix(name);
+    Need::read(&p, &prefix_end(&p))
+}
+
+/// What a campaign or lock on `name` needs: it reads the keys under `name/` and writes one
+/// of them (the caller's, named after a lease it may not have yet), so read and write on all.
+pub(crate) fn name_needs(name: &[u8]) -> Vec<Need> {
+    let p = election_prefix(name);
+    let end = prefix_end(&p);
+    vec![Need::read(&p, &end), Need::write(&p, &end)]
+}
+
+/// What a call on a held key needs (Proclaim, Resign: a txn comparing and writing the key;
+/// Unlock: a delete). No key: the call fails on its own.
+pub(crate) fn key_needs(key: Option<&[u8]>) -> Vec<Need> {
+    key.map_or(vec![], |k| vec![Need::read(k, b""), Need::write(k, b"")])
 }
 
 #[cfg(test)]

@@ -19,6 +19,7 @@
 //! | `/v3/election/observe` | Election's Observe: one `{"result": ...}` line per leader response |
 //! | `/v3/lock/{lock,unlock}` | Lock |
 //! | `/v3/lease/{grant,revoke,timetolive,leases}` (and `/v3/kv/lease/{revoke,timetolive,leases}`) | Lease |
+//! | `/v3/auth/{enable,disable,status,authenticate}`, `/v3/auth/user/{add,get,list,delete,changepw,grant,revoke}`, `/v3/auth/role/{add,get,list,delete,grant,revoke}` | Auth |
 //! | `/v3/lease/keepalive` | LeaseKeepAlive: one `{"result": ...}` line per request of the body |
 //! | `GET /version` | `{"etcdserver":"3.5.17","etcdcluster":"3.5.0"}` |
 //! | `GET /health` | a linearizable range of one key through the KV service (`?serializable=true`: a serializable one) |
@@ -29,6 +30,7 @@ use crate::json::{self, JsonMessage};
 use crate::lease::LeaseService;
 use crate::lock::LockService;
 use crate::watch::WatchService;
+use atoll_proto::etcdserverpb::auth_server::Auth;
 use atoll_proto::etcdserverpb::cluster_server::Cluster;
 use atoll_proto::etcdserverpb::kv_server::Kv;
 use atoll_proto::etcdserverpb::lease_server::Lease;
@@ -195,7 +197,52 @@ pub fn election_routes(election: Arc<ElectionService>, lock: Arc<LockService>) -
 /// `POST /v3/election/observe`: the body is a LeaderRequest; the answer streams each leader
 /// response as one line `{"result": ...}` (an error as a last line), until the client goes
 /// away.
+/// etcd's `/v3/auth/...` paths (the `Authorization` header of every call is its token).
+pub fn auth_routes(auth: Arc<crate::auth::service::AuthService>) -> Router {
+    macro_rules! unary {
+        ($method:ident) => {{
+            let svc = auth.clone();
+            post(move |req: Request| {
+                let svc = svc.clone();
+                async move {
+                    unary(
+                        req,
+                        move |r| async move { Auth::$method(svc.as_ref(), r).await },
+                    )
+                    .await
+                }
+            })
+            .fallback(method_not_allowed)
+        }};
+    }
+    Router::new()
+        .route("/v3/auth/enable", unary!(auth_enable))
+        .route("/v3/auth/disable", unary!(auth_disable))
+        .route("/v3/auth/status", unary!(auth_status))
+        .route("/v3/auth/authenticate", unary!(authenticate))
+        .route("/v3/auth/user/add", unary!(user_add))
+        .route("/v3/auth/user/get", unary!(user_get))
+        .route("/v3/auth/user/list", unary!(user_list))
+        .route("/v3/auth/user/delete", unary!(user_delete))
+        .route("/v3/auth/user/changepw", unary!(user_change_password))
+        .route("/v3/auth/user/grant", unary!(user_grant_role))
+        .route("/v3/auth/user/revoke", unary!(user_revoke_role))
+        .route("/v3/auth/role/add", unary!(role_add))
+        .route("/v3/auth/role/get", unary!(role_get))
+        .route("/v3/auth/role/list", unary!(role_list))
+        .route("/v3/auth/role/delete", unary!(role_delete))
+        .route("/v3/auth/role/grant", unary!(role_grant_permission))
+        .route("/v3/auth/role/revoke", unary!(role_revoke_permission))
+}
+
 async fn observe_stream(req: Request, election: &ElectionService) -> Response {
+    let mut md = MetadataMap::new();
+    forward_metadata(req.headers(), &mut md);
+    let peer = req
+        .extensions()
+        .get::<atoll_util::identity::PeerIdentity>()
+        .cloned();
+    let caller = election.ctx.auth.caller(&md, false, peer.as_ref()).await;
     let bytes = match axum::body::to_bytes(req.into_body(), MAX_BODY).await {
         Ok(b) => b,
         Err(e) => return error_response(&Status::invalid_argument(e.to_string())),
@@ -204,6 +251,10 @@ async fn observe_stream(req: Request, election: &ElectionService) -> Response {
         Ok(m) => m,
         Err(e) => return error_response(&Status::invalid_argument(e.0)),
     };
+    let need = [crate::election::read_prefix(&request.name)];
+    if let Err(e) = caller.and_then(|c| election.ctx.auth.check(&c, &need)) {
+        return error_response(&crate::election::as_etcd_answers(e));
+    }
     let rx = election.serve_observe(request);
     stream_response(tokio_stream::wrappers::ReceiverStream::new(rx))
 }
@@ -249,6 +300,9 @@ where
     };
     let mut request = tonic::Request::new(msg);
     forward_metadata(&parts.headers, request.metadata_mut());
+    if let Some(p) = parts.extensions.get::<atoll_util::identity::PeerIdentity>() {
+        request.extensions_mut().insert(p.clone());
+    }
     match call(request).await {
         Ok(resp) => match json::to_json(resp.get_ref()) {
             Ok(body) => json_response(StatusCode::OK, body),
@@ -308,12 +362,19 @@ where
 /// `POST /v3/watch`: the body holds watch requests; the answer streams each watch response
 /// as one line `{"result": ...}`, as etcd's gateway does, until the client goes away.
 async fn watch_stream(req: Request, watch: &WatchService) -> Response {
+    let mut md = MetadataMap::new();
+    forward_metadata(req.headers(), &mut md);
+    let peer = req
+        .extensions()
+        .get::<atoll_util::identity::PeerIdentity>()
+        .cloned();
+    let caller = watch.hub().ctx.auth.caller(&md, false, peer.as_ref()).await;
     let requests = match stream_requests::<WatchRequest>(req).await {
         Ok(r) => r,
         Err(status) => return error_response(&status),
     };
     let inbound = tokio_stream::iter(requests.into_iter().map(Ok)).chain(tokio_stream::pending());
-    let rx = watch.serve(inbound);
+    let rx = watch.serve_as(caller, inbound);
     stream_response(tokio_stream::wrappers::ReceiverStream::new(rx))
 }
 
@@ -451,7 +512,7 @@ async fn health<K: Kv>(kv: &K, serializable: bool) -> Response {
         ..Default::default()
     };
     let reason =
-        match tokio::time::timeout(HEALTH_TIMEOUT, kv.range(tonic::Request::new(range))).await {
+        match tokio::time::timeout(HEALTH_TIMEOUT, kv.range(crate::auth::internal(range))).await {
             Ok(Ok(_)) => None,
             Ok(Err(status)) => Some(format!("RANGE ERROR:{}", status.message())),
             Err(_) => Some(format!(

@@ -15,6 +15,7 @@
 //! [`Client::etcd_range`]: atoll_client::Client::etcd_range
 //! [`Client::etcd_txn`]: atoll_client::Client::etcd_txn
 
+use crate::auth::{self, perm::Access, Need};
 use crate::context::EtcdContext;
 use crate::errors;
 use atoll_client::etcd::EtcdTxnOutcome;
@@ -67,6 +68,7 @@ pub(crate) fn client_error(e: atoll_client::Error) -> Status {
         E::Undetermined(_) => errors::timeout(),
         E::InvalidArgument(m) => errors::atoll(Code::InvalidArgument, m),
         E::Pd(e) => errors::from_pd(&e),
+        E::Auth(code, m) => Status::new(code, m),
         other => errors::atoll(Code::Unknown, other),
     }
 }
@@ -477,6 +479,9 @@ impl KvService {
 #[tonic::async_trait]
 impl Kv for KvService {
     async fn range(&self, req: Request<RangeRequest>) -> Result<Response<RangeResponse>, Status> {
+        let mut needs = vec![];
+        auth::check::range(req.get_ref(), &mut needs);
+        self.ctx.auth.authorize(&req, &needs).await?;
         Ok(Response::new(self.do_range(req.into_inner()).await?))
     }
 
@@ -488,6 +493,9 @@ impl Kv for KvService {
         &self,
         req: Request<RangeRequest>,
     ) -> Result<Response<Self::RangeStreamStream>, Status> {
+        let mut needs = vec![];
+        auth::check::range(req.get_ref(), &mut needs);
+        self.ctx.auth.authorize(&req, &needs).await?;
         let mut whole = self.do_range(req.into_inner()).await?;
         let mut kvs = std::mem::take(&mut whole.kvs);
         let mut chunks = vec![];
@@ -510,7 +518,13 @@ impl Kv for KvService {
     }
 
     async fn put(&self, req: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
+        let mut needs = vec![];
+        auth::check::put(req.get_ref(), &mut needs);
+        let caller = self.ctx.auth.authorize(&req, &needs).await?;
         let p = req.into_inner();
+        if p.lease != 0 && !p.ignore_lease {
+            crate::lease::check_lease_keys(&self.ctx, &caller, p.lease, Access::Write).await?;
+        }
         eval::check_put_request(&p).map_err(status)?;
         check_size(&p)?;
         match self.single(request_op::Request::RequestPut(p)).await? {
@@ -529,6 +543,9 @@ impl Kv for KvService {
         &self,
         req: Request<DeleteRangeRequest>,
     ) -> Result<Response<DeleteRangeResponse>, Status> {
+        let mut needs = vec![];
+        auth::check::delete_range(req.get_ref(), &mut needs);
+        self.ctx.auth.authorize(&req, &needs).await?;
         let d = req.into_inner();
         eval::check_delete_request(&d).map_err(status)?;
         check_size(&d)?;
@@ -548,7 +565,15 @@ impl Kv for KvService {
     }
 
     async fn txn(&self, req: Request<TxnRequest>) -> Result<Response<TxnResponse>, Status> {
+        let mut needs = vec![];
+        auth::check::txn(req.get_ref(), &mut needs);
+        let caller = self.ctx.auth.authorize(&req, &needs).await?;
         let t = req.into_inner();
+        let mut leases = vec![];
+        crate::lease::put_leases(&t, &mut leases);
+        for id in leases {
+            crate::lease::check_lease_keys(&self.ctx, &caller, id, Access::Write).await?;
+        }
         check_size(&t)?;
         eval::check_txn_request(&t, MAX_TXN_OPS).map_err(status)?;
         self.check_limits(&t)?;
@@ -562,6 +587,8 @@ impl Kv for KvService {
         &self,
         req: Request<CompactionRequest>,
     ) -> Result<Response<CompactionResponse>, Status> {
+        // etcd checks nothing here; moving the safe point drops history for everyone: root.
+        self.ctx.auth.authorize(&req, &[Need::Admin]).await?;
         let c = req.into_inner();
         let now = self.now().await?;
         if c.revision <= 0 || c.revision as u64 > now {

@@ -14,6 +14,7 @@
 //!
 //! [`Client::lease_keep_alive`]: atoll_client::Client::lease_keep_alive
 
+use crate::auth::{perm::Access, Caller, Need};
 use crate::context::EtcdContext;
 use crate::errors;
 use crate::kv::{backoff, client_error, same_versions};
@@ -520,6 +521,8 @@ impl Lease for LeaseService {
         &self,
         req: Request<LeaseGrantRequest>,
     ) -> Result<Response<LeaseGrantResponse>, Status> {
+        // etcd checks no permission to grant, but refuses a bad token.
+        self.ctx.auth.authorize(&req, &[]).await?;
         Ok(Response::new(self.grant(req.into_inner()).await?))
     }
 
@@ -527,7 +530,11 @@ impl Lease for LeaseService {
         &self,
         req: Request<LeaseRevokeRequest>,
     ) -> Result<Response<LeaseRevokeResponse>, Status> {
-        match revoke(&self.ctx, req.into_inner().id).await? {
+        // etcd's checkLeasePuts: write on every key attached to the lease.
+        let caller = self.ctx.auth.authorize(&req, &[]).await?;
+        let id = req.get_ref().id;
+        check_lease_keys(&self.ctx, &caller, id, Access::Write).await?;
+        match revoke(&self.ctx, id).await? {
             Some(rev) => Ok(Response::new(LeaseRevokeResponse {
                 header: Some(self.ctx.header(rev as i64)),
             })),
@@ -544,6 +551,7 @@ impl Lease for LeaseService {
         &self,
         req: Request<Streaming<LeaseKeepAliveRequest>>,
     ) -> Result<Response<Self::LeaseKeepAliveStream>, Status> {
+        self.ctx.auth.authorize(&req, &[]).await?;
         Ok(Response::new(Box::pin(
             self.keep_alive_stream(req.into_inner()),
         )))
@@ -553,15 +561,46 @@ impl Lease for LeaseService {
         &self,
         req: Request<LeaseTimeToLiveRequest>,
     ) -> Result<Response<LeaseTimeToLiveResponse>, Status> {
+        // etcd's checkLeaseTimeToLive: a user, with read on every key attached to the lease.
+        let caller = self.ctx.auth.authorize(&req, &[Need::User]).await?;
+        check_lease_keys(&self.ctx, &caller, req.get_ref().id, Access::Read).await?;
         Ok(Response::new(self.time_to_live(req.into_inner()).await?))
     }
 
     async fn lease_leases(
         &self,
-        _req: Request<LeaseLeasesRequest>,
+        req: Request<LeaseLeasesRequest>,
     ) -> Result<Response<LeaseLeasesResponse>, Status> {
+        self.ctx.auth.authorize(&req, &[]).await?;
         Ok(Response::new(self.leases().await?))
     }
+}
+
+/// etcd's `checkLeasePuts` (`access` Write) and `checkLeaseTimeToLive` (Read): `caller` needs
+/// `access` to every key attached to lease `id`, unless it is root (or a store, or auth is
+/// off). A lease that does not exist has no keys.
+pub(crate) async fn check_lease_keys(
+    ctx: &EtcdContext,
+    caller: &Caller,
+    id: i64,
+    access: Access,
+) -> Result<(), Status> {
+    match caller {
+        Caller::Open | Caller::Store => return Ok(()),
+        Caller::User(u) if ctx.auth.state().is_root(u) => return Ok(()),
+        _ => {}
+    }
+    let ts = ctx.client.tso().await.map_err(client_error)?;
+    let needs: Vec<Need> = attached_keys(ctx, id, ts, 0)
+        .await?
+        .into_iter()
+        .map(|kv| Need::Keys {
+            access,
+            key: kv.key,
+            end: vec![],
+        })
+        .collect();
+    ctx.auth.check_fresh(caller, &needs).await
 }
 
 /// The lease ids that puts of `txn` (any branch, nested txns too) attach keys to.

@@ -14,16 +14,20 @@
 //! | [`lock`] | the Lock service: Lock is a campaign with an empty value, Unlock a delete |
 //! | [`lease`] | the Lease service: sharded lease records, keep-alives to the owner of each, revoke and expiry in one transaction |
 //! | [`watch`] | the Watch service: sharded change feeds merged in revision order, shared by watchers of one range |
+//! | [`auth`] | the Auth service; users, roles and permissions in the system key space, cached on every store; store-signed tokens; what each call needs |
 //! | [`json`] | the gateway's JSON mapping (grpc-gateway v1 conventions) by proto reflection |
 //! | [`gateway`] | the HTTP routes: `POST /v3/...`, `GET /version`, `GET /health` |
 //! | [`server`] | gRPC and HTTP on one port, routed by content type |
 //!
 //! Invariants: a message etcd defines is never reworded (clients match errors by message);
-//! the gateway calls the same service objects as gRPC, so both answer alike.
+//! the gateway calls the same service objects as gRPC, so both answer alike; every service
+//! checks its caller ([`auth::AuthStore::authorize`]) before it does anything, and calls
+//! between the services in process are marked [`atoll_client::InProcess`] ([`auth::internal`]).
 //!
 //! Wiring (storage-node): build an [`EtcdContext`], then pass the store's own gRPC services to
 //! [`server::routes`] and serve what it returns with `accept_http1(true)`.
 
+pub mod auth;
 pub mod cluster;
 pub mod context;
 pub mod election;
@@ -38,6 +42,7 @@ pub mod maintenance;
 pub mod server;
 pub mod watch;
 
+pub use auth::service::AuthService;
 pub use cluster::ClusterService;
 pub use context::{DbSize, EtcdContext, LocalStore, RaftStatus, RocksLocalStore};
 pub use election::ElectionService;

@@ -31,17 +31,23 @@ use tonic::{Request, Response, Status};
 /// The Lock service.
 pub struct LockService {
     recipes: Arc<Recipes>,
+    auth: Arc<crate::auth::AuthStore>,
 }
 
 impl LockService {
-    pub fn new(recipes: Arc<Recipes>) -> Self {
-        LockService { recipes }
+    pub fn new(recipes: Arc<Recipes>, auth: Arc<crate::auth::AuthStore>) -> Self {
+        LockService { recipes, auth }
     }
 }
 
 #[tonic::async_trait]
 impl Lock for LockService {
     async fn lock(&self, req: Request<LockRequest>) -> Result<Response<LockResponse>, Status> {
+        let needs = crate::election::name_needs(&req.get_ref().name);
+        self.auth
+            .authorize(&req, &needs)
+            .await
+            .map_err(as_etcd_answers)?;
         self.do_lock(req.into_inner())
             .await
             .map(Response::new)
@@ -52,6 +58,11 @@ impl Lock for LockService {
         &self,
         req: Request<UnlockRequest>,
     ) -> Result<Response<UnlockResponse>, Status> {
+        let needs = vec![crate::auth::Need::write(&req.get_ref().key, b"")];
+        self.auth
+            .authorize(&req, &needs)
+            .await
+            .map_err(as_etcd_answers)?;
         self.do_unlock(req.into_inner())
             .await
             .map(Response::new)
@@ -74,7 +85,7 @@ impl LockService {
             key: r.key,
             ..Default::default()
         };
-        let resp = Kv::delete_range(self.recipes.kv.as_ref(), Request::new(d))
+        let resp = Kv::delete_range(self.recipes.kv.as_ref(), crate::auth::internal(d))
             .await?
             .into_inner();
         Ok(UnlockResponse {

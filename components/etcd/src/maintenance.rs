@@ -7,6 +7,7 @@
 //! | Defragment | compacts every data column family of this store's RocksDB over its whole range, answered when done; calls queue behind a running one; a caller that gives up does not stop it |
 //! | Hash, HashKV, Snapshot, MoveLeader, Downgrade | `Unimplemented`, saying why |
 
+use crate::auth::Need;
 use crate::context::EtcdContext;
 use crate::errors;
 use crate::header::make_header;
@@ -60,8 +61,13 @@ fn join_error(e: tokio::task::JoinError) -> Status {
 impl Maintenance for MaintenanceService {
     async fn alarm(
         &self,
-        _request: Request<AlarmRequest>,
+        request: Request<AlarmRequest>,
     ) -> Result<Response<AlarmResponse>, Status> {
+        // etcd: any user may list the alarms, only root change them.
+        let get = request.get_ref().action
+            == atoll_proto::etcdserverpb::alarm_request::AlarmAction::Get as i32;
+        let need = if get { Need::User } else { Need::Admin };
+        self.ctx.auth.authorize(&request, &[need]).await?;
         let revision = self.ctx.current_revision().await;
         Ok(Response::new(AlarmResponse {
             header: Some(self.ctx.header(revision)),
@@ -106,8 +112,9 @@ impl Maintenance for MaintenanceService {
 
     async fn defragment(
         &self,
-        _request: Request<DefragmentRequest>,
+        request: Request<DefragmentRequest>,
     ) -> Result<Response<DefragmentResponse>, Status> {
+        self.ctx.auth.authorize(&request, &[Need::Admin]).await?;
         let guard = self.ctx.defrag.lock.clone().lock_owned().await;
         let local = self.ctx.local.clone();
         let store_id = self.ctx.store_id;
@@ -135,7 +142,8 @@ impl Maintenance for MaintenanceService {
         }
     }
 
-    async fn hash(&self, _request: Request<HashRequest>) -> Result<Response<HashResponse>, Status> {
+    async fn hash(&self, request: Request<HashRequest>) -> Result<Response<HashResponse>, Status> {
+        self.ctx.auth.authorize(&request, &[Need::Admin]).await?;
         Err(errors::unimplemented(
             "Hash is not supported: data is spread over many raft groups whose replicas raft keeps identical; there is no single backend to hash",
         ))
@@ -143,8 +151,9 @@ impl Maintenance for MaintenanceService {
 
     async fn hash_kv(
         &self,
-        _request: Request<HashKvRequest>,
+        request: Request<HashKvRequest>,
     ) -> Result<Response<HashKvResponse>, Status> {
+        self.ctx.auth.authorize(&request, &[Need::Admin]).await?;
         Err(errors::unimplemented(
             "HashKV is not supported: data is spread over many raft groups whose replicas raft keeps identical; there is no single backend to hash",
         ))
@@ -155,8 +164,9 @@ impl Maintenance for MaintenanceService {
 
     async fn snapshot(
         &self,
-        _request: Request<SnapshotRequest>,
+        request: Request<SnapshotRequest>,
     ) -> Result<Response<Self::SnapshotStream>, Status> {
+        self.ctx.auth.authorize(&request, &[Need::Admin]).await?;
         Err(errors::unimplemented(
             "Snapshot is not supported: a store holds only some regions of the key space, so no one member can stream a backup of it",
         ))
@@ -164,8 +174,9 @@ impl Maintenance for MaintenanceService {
 
     async fn move_leader(
         &self,
-        _request: Request<MoveLeaderRequest>,
+        request: Request<MoveLeaderRequest>,
     ) -> Result<Response<MoveLeaderResponse>, Status> {
+        self.ctx.auth.authorize(&request, &[Need::Admin]).await?;
         Err(errors::unimplemented(
             "MoveLeader is not supported: every region elects its own leader and PD balances leaders across stores",
         ))
@@ -173,8 +184,9 @@ impl Maintenance for MaintenanceService {
 
     async fn downgrade(
         &self,
-        _request: Request<DowngradeRequest>,
+        request: Request<DowngradeRequest>,
     ) -> Result<Response<DowngradeResponse>, Status> {
+        self.ctx.auth.authorize(&request, &[Need::Admin]).await?;
         Err(errors::unimplemented(
             "Downgrade is not supported: stores of different Atoll versions are upgraded and downgraded by restarting them",
         ))

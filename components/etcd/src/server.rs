@@ -3,6 +3,7 @@
 //! `embed/serve.go`), and goes to the gRPC services; any other request (HTTP/1.1 JSON, curl)
 //! goes to the gateway. The server must accept HTTP/1.1 (`Server::accept_http1(true)`).
 
+use crate::auth::service::AuthService;
 use crate::cluster::ClusterService;
 use crate::context::EtcdContext;
 use crate::election::{ElectionService, Recipes};
@@ -12,6 +13,7 @@ use crate::lease::LeaseService;
 use crate::lock::LockService;
 use crate::maintenance::MaintenanceService;
 use crate::watch::WatchService;
+use atoll_proto::etcdserverpb::auth_server::AuthServer;
 use atoll_proto::etcdserverpb::cluster_server::ClusterServer;
 use atoll_proto::etcdserverpb::kv_server::KvServer;
 use atoll_proto::etcdserverpb::lease_server::LeaseServer;
@@ -40,6 +42,7 @@ pub struct EtcdServices {
     pub election: Arc<ElectionService>,
     pub lock: Arc<LockService>,
     pub lease: Arc<LeaseService>,
+    pub auth: Arc<AuthService>,
 }
 
 impl EtcdServices {
@@ -59,8 +62,9 @@ impl EtcdServices {
             maintenance: Arc::new(MaintenanceService::new(ctx.clone())),
             watch,
             election: Arc::new(ElectionService::new(ctx.clone(), recipes.clone())),
-            lock: Arc::new(LockService::new(recipes)),
+            lock: Arc::new(LockService::new(recipes, ctx.auth.clone())),
             lease,
+            auth: Arc::new(AuthService::new(ctx.clone())),
         }
     }
 
@@ -80,7 +84,8 @@ impl EtcdServices {
                 .max_encoding_message_size(MAX_GRPC_MESSAGE),
         )
         .add_service(ElectionServer::from_arc(self.election.clone()))
-        .add_service(LockServer::from_arc(self.lock.clone()));
+        .add_service(LockServer::from_arc(self.lock.clone()))
+        .add_service(AuthServer::from_arc(self.auth.clone()));
     }
 
     /// The HTTP/JSON gateway over these services.
@@ -96,6 +101,7 @@ impl EtcdServices {
             self.election.clone(),
             self.lock.clone(),
         ))
+        .merge(gateway::auth_routes(self.auth.clone()))
     }
 }
 

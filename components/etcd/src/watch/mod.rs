@@ -15,6 +15,7 @@
 
 pub mod feed;
 
+use crate::auth::{Caller, Need};
 use crate::context::EtcdContext;
 use crate::errors;
 use atoll_proto::etcdserverpb::watch_create_request::FilterType;
@@ -61,7 +62,7 @@ struct Shared {
 
 /// The shared feeds of a store (one per watched range and `prev_kv`).
 pub struct WatchHub {
-    ctx: Arc<EtcdContext>,
+    pub(crate) ctx: Arc<EtcdContext>,
     feeds: Mutex<HashMap<FeedKey, Shared>>,
 }
 
@@ -366,6 +367,8 @@ struct StreamState {
     next_id: i64,
     /// Progress requests of the stream run one at a time.
     progress: Arc<tokio::sync::Mutex<()>>,
+    /// Who opened the stream (or why that could not be told): each create is checked for it.
+    caller: Result<Caller, Status>,
 }
 
 impl StreamState {
@@ -374,6 +377,16 @@ impl StreamState {
             header: Some(self.hub.ctx.header(revision as i64)),
             ..Default::default()
         }
+    }
+
+    /// etcd's `isWatchPermitted`: read on the watched range.
+    async fn permitted(&self, c: &WatchCreateRequest) -> Result<(), Status> {
+        let caller = self.caller.clone()?;
+        self.hub
+            .ctx
+            .auth
+            .check_fresh(&caller, &[Need::read(&c.key, &c.range_end)])
+            .await
     }
 
     async fn fresh_revision(&self) -> u64 {
@@ -389,6 +402,12 @@ impl StreamState {
             r.cancel_reason = why.to_string();
             r
         };
+        if let Err(e) = self.permitted(&c).await {
+            // etcd's answer: a created-and-canceled response whose reason is the gRPC error.
+            let why = format!("rpc error: code = {:?} desc = {}", e.code(), e.message());
+            let r = refuse(self.header(now), &why);
+            return self.out.send(Ok(r)).await.is_ok();
+        }
         let (start, end) = watch_range(&c.key, &c.range_end);
         if !end.is_empty() && start >= end {
             let r = refuse(self.header(now), "mvcc: watcher range is empty");
@@ -527,7 +546,19 @@ impl Drop for StreamState {
 impl WatchService {
     /// Serves one watch stream: the requests of `inbound`, answered on the returned channel
     /// (gRPC and the gateway both come through here).
-    pub fn serve<S>(&self, mut inbound: S) -> mpsc::Receiver<Result<WatchResponse, Status>>
+    pub fn serve<S>(&self, inbound: S) -> mpsc::Receiver<Result<WatchResponse, Status>>
+    where
+        S: Stream<Item = Result<WatchRequest, Status>> + Send + Unpin + 'static,
+    {
+        self.serve_as(Ok(Caller::Store), inbound)
+    }
+
+    /// [`WatchService::serve`] for `caller`: each create is checked for read on its range.
+    pub fn serve_as<S>(
+        &self,
+        caller: Result<Caller, Status>,
+        mut inbound: S,
+    ) -> mpsc::Receiver<Result<WatchResponse, Status>>
     where
         S: Stream<Item = Result<WatchRequest, Status>> + Send + Unpin + 'static,
     {
@@ -538,6 +569,7 @@ impl WatchService {
             watchers: HashMap::new(),
             next_id: 0,
             progress: Arc::new(tokio::sync::Mutex::new(())),
+            caller,
         };
         tokio::spawn(async move {
             WATCH_STREAMS.inc();
@@ -598,7 +630,8 @@ impl Watch for WatchService {
         &self,
         req: Request<Streaming<WatchRequest>>,
     ) -> Result<Response<Self::WatchStream>, Status> {
-        let rx = self.serve(req.into_inner());
+        let caller = self.hub.ctx.auth.caller_of(&req).await;
+        let rx = self.serve_as(caller, req.into_inner());
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }
