@@ -25,7 +25,6 @@ use atoll_proto::v3lockpb::{LockRequest, UnlockRequest};
 use serde_json::json;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
-use tonic::transport::Endpoint;
 use tonic::Code;
 
 #[derive(clap::Args, Debug)]
@@ -52,14 +51,12 @@ pub struct ElectArgs {
 }
 
 fn channel(addr: &str) -> anyhow::Result<EtcdChannel> {
-    Ok(crate::etcd::with_token(
-        Endpoint::from_shared(format!("http://{addr}"))?
-            .connect_timeout(Duration::from_secs(3))
+    crate::etcd::channel_with(addr, |ep| {
+        ep.connect_timeout(Duration::from_secs(3))
             .http2_keep_alive_interval(Duration::from_secs(2))
             .keep_alive_timeout(Duration::from_secs(3))
             .keep_alive_while_idle(true)
-            .connect_lazy(),
-    ))
+    })
 }
 
 /// The client addresses of the stores that are up.

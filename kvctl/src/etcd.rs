@@ -3,14 +3,29 @@
 //! Unavailable, as etcd's client does. Only etcd's standard gRPC services are used, so what is
 //! built on this works against an etcd cluster too.
 
+use atoll_util::tls::ClientTls;
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::OnceLock;
 use std::time::Duration;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Code, Status};
 
-/// `host:port` or a URL, comma separated, to gRPC URLs.
+/// kvctl's TLS (`--cacert`, `--cert`, `--key`), set once at start.
+static TLS: OnceLock<Option<ClientTls>> = OnceLock::new();
+
+pub fn set_tls(tls: Option<ClientTls>) {
+    let _ = TLS.set(tls);
+}
+
+/// The TLS every connection of this kvctl uses (`None`: plaintext).
+pub fn tls() -> Option<&'static ClientTls> {
+    TLS.get().and_then(|t| t.as_ref())
+}
+
+/// `host:port` or a URL, comma separated, to gRPC URLs (`https://` with TLS).
 pub fn parse_endpoints(list: &str) -> Vec<String> {
+    let scheme = if tls().is_some() { "https" } else { "http" };
     list.split(',')
         .map(str::trim)
         .filter(|e| !e.is_empty())
@@ -18,7 +33,7 @@ pub fn parse_endpoints(list: &str) -> Vec<String> {
             if e.starts_with("http://") || e.starts_with("https://") {
                 e.to_string()
             } else {
-                format!("http://{e}")
+                format!("{scheme}://{e}")
             }
         })
         .collect()
@@ -58,14 +73,21 @@ pub fn with_token(ch: Channel) -> EtcdChannel {
     tonic::codegen::InterceptedService::new(ch, add_token as fn(_) -> _)
 }
 
-/// A lazily connected channel to one endpoint (no request timeout: streams stay open).
+/// A lazily connected channel to one endpoint (no request timeout: streams stay open), over
+/// TLS when kvctl has it, carrying the token of `--user`.
 pub fn channel(url: &str) -> anyhow::Result<EtcdChannel> {
-    Ok(with_token(
-        Endpoint::from_shared(url.to_string())?
-            .connect_timeout(Duration::from_secs(3))
-            .tcp_nodelay(true)
-            .connect_lazy(),
-    ))
+    channel_with(url, |ep| {
+        ep.connect_timeout(Duration::from_secs(3)).tcp_nodelay(true)
+    })
+}
+
+/// [`channel`] with the caller's endpoint options.
+pub fn channel_with(
+    addr: &str,
+    opts: impl FnOnce(tonic::transport::Endpoint) -> tonic::transport::Endpoint,
+) -> anyhow::Result<EtcdChannel> {
+    let ep = opts(atoll_util::tls::endpoint(addr, tls())?);
+    Ok(with_token(atoll_util::tls::connect_lazy(ep, tls())))
 }
 
 /// The endpoints of one command, and which one it is talking to now.

@@ -3,6 +3,7 @@
 
 mod auth;
 mod bench;
+mod cert;
 mod elect;
 mod etcd;
 mod lease;
@@ -42,6 +43,16 @@ struct Cli {
     /// The password of --user (etcdctl's `--password`).
     #[arg(long, global = true, requires = "user")]
     password: Option<String>,
+    /// CA certificate (PEM) to verify PD and the stores with: turns TLS on (etcdctl's name).
+    #[arg(long = "cacert", id = "tls_cacert", global = true)]
+    cacert: Option<String>,
+    /// Client certificate (PEM) for mutual TLS (needs --cacert and --key).
+    #[arg(long = "cert", id = "tls_cert", global = true, requires = "tls_key")]
+    cert: Option<String>,
+    /// Private key (PEM) of --cert.
+    // Own ids: subcommands have positional arguments named `key`.
+    #[arg(long = "key", id = "tls_key", global = true, requires = "tls_cert")]
+    key: Option<String>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -159,6 +170,8 @@ enum Cmd {
         #[command(subcommand)]
         cmd: auth::RoleCmd,
     },
+    /// Write a CA and the certificates of a local cluster (mutual TLS) into a folder.
+    Cert(cert::CertArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -184,6 +197,7 @@ async fn client(cli: &Cli) -> anyhow::Result<Arc<Client>> {
     cfg.timeout = Duration::from_secs_f64(cli.timeout.max(0.1));
     cfg.rpc_timeout = cfg.timeout.min(Duration::from_secs(5));
     cfg.connections_per_store = cli.conns.max(1);
+    cfg.tls = etcd::tls().cloned();
     let c = Client::connect(cfg).await?;
     c.set_token(etcd::token().map(str::to_string));
     Ok(c)
@@ -242,9 +256,10 @@ async fn etcd_endpoints(cli: &Cli, explicit: Option<&str>) -> anyhow::Result<etc
         .iter()
         .filter_map(|s| s.store.as_ref())
         .filter(|s| s.state == atoll_proto::metapb::StoreState::Up as i32)
-        .map(|s| format!("http://{}", s.address))
+        .map(|s| s.address.clone())
         .collect();
     anyhow::ensure!(!urls.is_empty(), "no storage node is up");
+    let urls = etcd::parse_endpoints(&urls.join(","));
     etcd::Etcd::new(urls, timeout)
 }
 
@@ -273,6 +288,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Role { cmd } => {
             let e = etcd_endpoints(&cli, None).await?;
             return auth::role(&e, cmd.clone(), out == Output::Json).await;
+        }
+        Cmd::Cert(a) => {
+            let v = cert::run(a)?;
+            let text = format!(
+                "wrote {} into {}",
+                v["files"]
+                    .as_array()
+                    .map(|f| f
+                        .iter()
+                        .filter_map(|x| x.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", "))
+                    .unwrap_or_default(),
+                a.dir.display()
+            );
+            print(out, text, v);
+            return Ok(());
         }
         Cmd::Lease(a) => {
             let e = etcd_endpoints(&cli, a.endpoints.as_deref()).await?;
@@ -627,6 +659,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Bench(_)
         | Cmd::Playground(_)
+        | Cmd::Cert(_)
         | Cmd::WatchBench(_)
         | Cmd::Lease(_)
         | Cmd::LeaseBench(_)
@@ -645,6 +678,17 @@ fn main() {
     if let Err(e) = atoll_util::failpoints::setup_from_env() {
         eprintln!("kvctl: FAILPOINTS: {e}");
         std::process::exit(2);
+    }
+    match (&cli.cacert, &cli.cert, &cli.key) {
+        (None, None, None) => etcd::set_tls(None),
+        (None, _, _) => fail("--cert and --key need --cacert"),
+        (Some(ca), cert, key) => {
+            let pair = cert.clone().zip(key.clone());
+            match atoll_util::tls::ClientTls::new(vec![ca.clone()], pair) {
+                Ok(t) => etcd::set_tls(Some(t)),
+                Err(e) => fail(format!("TLS: {e}")),
+            }
+        }
     }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

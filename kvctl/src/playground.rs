@@ -19,6 +19,10 @@ pub struct PlaygroundArgs {
     /// Region split size for the stores (e.g. 96MiB, 256KiB).
     #[arg(long)]
     pub region_split_size: Option<String>,
+    /// Mutual TLS on every link (client, store to store, store to PD, status ports), with
+    /// certificates from `kvctl cert` in DATA_DIR/certs (made on the first run, then kept).
+    #[arg(long)]
+    pub tls: bool,
 }
 
 pub async fn run(a: PlaygroundArgs) -> anyhow::Result<()> {
@@ -26,6 +30,23 @@ pub async fn run(a: PlaygroundArgs) -> anyhow::Result<()> {
         anyhow::bail!("--stores must be between 1 and 16");
     }
     let pd_addr = format!("127.0.0.1:{}", a.pd_port);
+    let certs = a.data_dir.join("certs");
+    let security = if a.tls {
+        if !certs.join("ca.pem").exists() {
+            crate::cert::run(&crate::cert::CertArgs {
+                dir: certs.clone(),
+                hosts: vec![],
+                client_cn: "root".into(),
+                days: 365,
+                reuse_ca: false,
+                other_ca: false,
+                expired: false,
+            })?;
+        }
+        crate::cert::security_config(&certs)
+    } else {
+        Default::default()
+    };
     let pd_cfg = PdConfig {
         name: "pd1".into(),
         data_dir: a.data_dir.join("pd1"),
@@ -36,6 +57,7 @@ pub async fn run(a: PlaygroundArgs) -> anyhow::Result<()> {
             max_replicas: a.stores.min(3),
             ..Default::default()
         },
+        security: security.clone(),
         ..Default::default()
     };
     let pd = PdServer::start(pd_cfg).await?;
@@ -46,6 +68,7 @@ pub async fn run(a: PlaygroundArgs) -> anyhow::Result<()> {
             data_dir: a.data_dir.join(format!("store{}", i + 1)),
             addr: format!("127.0.0.1:{}", 20160 + i),
             status_addr: format!("127.0.0.1:{}", 20180 + i),
+            security: security.clone(),
             ..Default::default()
         };
         if let Some(s) = &a.region_split_size {
@@ -60,14 +83,34 @@ pub async fn run(a: PlaygroundArgs) -> anyhow::Result<()> {
         a.stores,
         a.data_dir.display()
     );
-    println!("Try:  kvctl --pd {pd_addr} put hello world && kvctl --pd {pd_addr} get hello");
     let endpoints: Vec<String> = (0..a.stores)
         .map(|i| format!("127.0.0.1:{}", 20160 + i))
         .collect();
-    println!(
-        "etcd clients: export ETCDCTL_API=3 ETCDCTL_ENDPOINTS={}",
-        endpoints.join(",")
-    );
+    if a.tls {
+        let f = |n: &str| certs.join(n).display().to_string();
+        let (ca, cert, key) = (f("ca.pem"), f("client.pem"), f("client-key.pem"));
+        println!(
+            "Mutual TLS on every link; certificates in {}",
+            certs.display()
+        );
+        println!(
+            "Try:  kvctl --pd {pd_addr} --cacert {ca} --cert {cert} --key {key} put hello world"
+        );
+        println!(
+            "etcd clients: export ETCDCTL_API=3 ETCDCTL_ENDPOINTS={} ETCDCTL_CACERT={ca} ETCDCTL_CERT={cert} ETCDCTL_KEY={key}",
+            endpoints.join(",")
+        );
+        println!(
+            "curl: curl --cacert {ca} --cert {cert} --key {key} https://{}/version",
+            endpoints[0]
+        );
+    } else {
+        println!("Try:  kvctl --pd {pd_addr} put hello world && kvctl --pd {pd_addr} get hello");
+        println!(
+            "etcd clients: export ETCDCTL_API=3 ETCDCTL_ENDPOINTS={}",
+            endpoints.join(",")
+        );
+    }
     println!("Stop with Ctrl-C.");
     atoll_util::shutdown_signal().await;
     println!("stopping...");

@@ -130,7 +130,7 @@ async fn follow(
     prev_kv: bool,
     json_out: bool,
 ) -> anyhow::Result<()> {
-    let mut wc = WatchClient::new(crate::etcd::channel(&format!("http://{addr}"))?);
+    let mut wc = WatchClient::new(crate::etcd::channel(addr)?);
     let create = WatchRequest {
         request_union: Some(RequestUnion::CreateRequest(WatchCreateRequest {
             key: key.to_vec(),

@@ -18,7 +18,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_stream::StreamExt;
-use tonic::transport::Channel;
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct WatchBenchArgs {
@@ -62,22 +61,12 @@ struct Stats {
 }
 
 pub async fn run(a: WatchBenchArgs) -> anyhow::Result<serde_json::Value> {
-    let endpoints: Vec<String> = a
-        .endpoints
-        .split(',')
-        .filter(|e| !e.is_empty())
-        .map(|e| {
-            if e.starts_with("http") {
-                e.to_string()
-            } else {
-                format!("http://{e}")
-            }
-        })
-        .collect();
+    let endpoints = crate::etcd::parse_endpoints(&a.endpoints);
     anyhow::ensure!(!endpoints.is_empty(), "--endpoints needs an address");
     let mut channels = vec![];
     for e in &endpoints {
-        channels.push(Channel::from_shared(e.clone())?.connect().await?);
+        let ep = atoll_util::tls::endpoint(e, crate::etcd::tls())?;
+        channels.push(atoll_util::tls::connect(ep, crate::etcd::tls()).await?);
     }
     let base = Instant::now();
     let stats = Arc::new(Stats {

@@ -24,6 +24,8 @@ pub struct PdConfig {
     pub schedule: ScheduleConfig,
     pub tso: TsoConfig,
     pub gc: GcConfig,
+    /// TLS (`[security]`: cert-file, key-file, trusted-ca-file, client-cert-auth, peer-*).
+    pub security: atoll_util::tls::SecurityConfig,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -85,6 +87,7 @@ impl Default for PdConfig {
             schedule: ScheduleConfig::default(),
             tso: TsoConfig::default(),
             gc: GcConfig::default(),
+            security: Default::default(),
         }
     }
 }
@@ -278,6 +281,7 @@ impl PdConfig {
             ));
         }
         self.members()?;
+        self.security.validate().map_err(ConfigError::Invalid)?;
         Ok(())
     }
 }

@@ -7,7 +7,13 @@ use atoll_pd::PdConfig;
 use clap::Parser;
 
 #[derive(Parser, Debug)]
-#[command(name = "pd-server", version, about = "Atoll placement driver")]
+// A flag given twice: the last one wins (scripts and tests append overrides).
+#[command(
+    name = "pd-server",
+    version,
+    about = "Atoll placement driver",
+    args_override_self = true
+)]
 struct Args {
     #[arg(long)]
     name: Option<String>,
@@ -43,6 +49,8 @@ struct Args {
     /// TOML configuration; flags win over it.
     #[arg(long)]
     config: Option<String>,
+    #[command(flatten)]
+    security: atoll_util::tls::SecurityFlags,
 }
 
 fn build_config(a: Args) -> anyhow::Result<PdConfig> {
@@ -90,6 +98,7 @@ fn build_config(a: Args) -> anyhow::Result<PdConfig> {
     if let Some(v) = a.log_level {
         c.log_level = v;
     }
+    a.security.apply(&mut c.security);
     c.validate()?;
     Ok(c)
 }

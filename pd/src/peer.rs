@@ -8,6 +8,7 @@ use atoll_proto::pdpb::pd_peer_client::PdPeerClient;
 use atoll_proto::pdpb::pd_peer_server::PdPeer;
 use atoll_proto::pdpb::{self, PdPeerDone, PdRaftBatch, PdRaftMessage};
 use atoll_util::backoff::Backoff;
+use atoll_util::tls::ClientTls;
 use parking_lot::RwLock;
 use protobuf::Message as PbMessage;
 use raft::eraftpb::Message;
@@ -22,6 +23,8 @@ pub struct PeerTransport {
     senders: RwLock<HashMap<u64, mpsc::Sender<Vec<Message>>>>,
     addrs: HashMap<u64, String>,
     runtime: tokio::runtime::Handle,
+    /// TLS to the other members (`None`: plaintext).
+    tls: Option<ClientTls>,
 }
 
 impl PeerTransport {
@@ -29,12 +32,14 @@ impl PeerTransport {
         me: pdpb::Member,
         peers: HashMap<u64, String>,
         runtime: tokio::runtime::Handle,
+        tls: Option<ClientTls>,
     ) -> Arc<Self> {
         Arc::new(PeerTransport {
             me,
             senders: RwLock::new(HashMap::new()),
             addrs: peers,
             runtime,
+            tls,
         })
     }
 
@@ -46,7 +51,7 @@ impl PeerTransport {
         let (tx, rx) = mpsc::channel(1024);
         self.senders.write().insert(to, tx.clone());
         let me = self.me.clone();
-        self.runtime.spawn(run_peer(me, addr, rx));
+        self.runtime.spawn(run_peer(me, addr, self.tls.clone(), rx));
         Some(tx)
     }
 }
@@ -68,16 +73,19 @@ impl PeerSender for PeerTransport {
     }
 }
 
-async fn run_peer(me: pdpb::Member, addr: String, mut rx: mpsc::Receiver<Vec<Message>>) {
+async fn run_peer(
+    me: pdpb::Member,
+    addr: String,
+    tls: Option<ClientTls>,
+    mut rx: mpsc::Receiver<Vec<Message>>,
+) {
     let far = Instant::now() + Duration::from_secs(10 * 365 * 24 * 3600);
     let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(1), far);
     loop {
-        let ch = match tonic::transport::Endpoint::from_shared(format!("http://{addr}")) {
+        let ch = match atoll_util::tls::endpoint(&addr, tls.as_ref()) {
             Ok(ep) => {
-                ep.connect_timeout(Duration::from_secs(1))
-                    .tcp_nodelay(true)
-                    .connect()
-                    .await
+                let ep = ep.connect_timeout(Duration::from_secs(1)).tcp_nodelay(true);
+                atoll_util::tls::connect(ep, tls.as_ref()).await
             }
             Err(e) => {
                 tracing::error!(%addr, error = %e, "bad PD peer address");

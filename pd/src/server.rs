@@ -72,7 +72,20 @@ impl PdServer {
             .filter(|m| m.id != my_id)
             .map(|m| (m.id, m.peer_addr.clone()))
             .collect();
-        let trans = PeerTransport::new(me.clone(), peers, tokio::runtime::Handle::current());
+        // TLS: the client port (stores and clients), the peer port (members only), the
+        // status port, and what this member dials the others with.
+        let sec = &cfg.security;
+        let tls_err = |e: String| anyhow::anyhow!("TLS: {e}");
+        let client_tls = sec.client_port().map_err(tls_err)?;
+        let peer_port_tls = sec.peer_port().map_err(tls_err)?;
+        let status_tls = sec.status_port().map_err(tls_err)?;
+        let peer_tls = sec.peer_client().map_err(tls_err)?;
+        let trans = PeerTransport::new(
+            me.clone(),
+            peers,
+            tokio::runtime::Handle::current(),
+            peer_tls,
+        );
         let node = RaftNode::start(
             RaftNodeConfig {
                 id: my_id,
@@ -95,20 +108,18 @@ impl PdServer {
         let mut rx = stop_rx.clone();
         let pd_svc = GrpcPdServer::new(PdService {
             cluster: cluster.clone(),
+            members_only: sec.members_only(),
         })
         .max_decoding_message_size(64 << 20)
         .max_encoding_message_size(64 << 20);
         tasks.push(tokio::spawn(async move {
-            // Accepted sockets need no-delay too (tonic applies it only to listeners it binds).
-            let incoming =
-                tonic::transport::server::TcpIncoming::from(client_l).with_nodelay(Some(true));
-            let r = tonic::transport::Server::builder()
+            let router = tonic::transport::Server::builder()
                 .tcp_nodelay(true)
-                .add_service(pd_svc)
-                .serve_with_incoming_shutdown(incoming, async move {
-                    let _ = rx.wait_for(|s| *s).await;
-                })
-                .await;
+                .add_service(pd_svc);
+            let r = atoll_util::tls::serve(router, client_l, client_tls, async move {
+                let _ = rx.wait_for(|s| *s).await;
+            })
+            .await;
             if let Err(e) = r {
                 tracing::error!(error = %e, "PD client server stopped");
             }
@@ -121,16 +132,13 @@ impl PdServer {
         .max_decoding_message_size(512 << 20)
         .max_encoding_message_size(512 << 20);
         tasks.push(tokio::spawn(async move {
-            // Accepted sockets need no-delay too (tonic applies it only to listeners it binds).
-            let incoming =
-                tonic::transport::server::TcpIncoming::from(peer_l).with_nodelay(Some(true));
-            let r = tonic::transport::Server::builder()
+            let router = tonic::transport::Server::builder()
                 .tcp_nodelay(true)
-                .add_service(peer_svc)
-                .serve_with_incoming_shutdown(incoming, async move {
-                    let _ = rx.wait_for(|s| *s).await;
-                })
-                .await;
+                .add_service(peer_svc);
+            let r = atoll_util::tls::serve(router, peer_l, peer_port_tls, async move {
+                let _ = rx.wait_for(|s| *s).await;
+            })
+            .await;
             if let Err(e) = r {
                 tracing::error!(error = %e, "PD peer server stopped");
             }
@@ -198,7 +206,7 @@ impl PdServer {
                 .await
                 .map_err(|e| anyhow::anyhow!("status-addr {}: {e}", cfg.status_addr))?;
             Some(
-                atoll_util::status::spawn(addr, status, async move {
+                atoll_util::status::spawn(addr, status, status_tls, async move {
                     let _ = rx.wait_for(|s| *s).await;
                 })
                 .await?,

@@ -13,6 +13,9 @@ use tonic::{Request, Response, Status, Streaming};
 
 pub struct PdService {
     pub cluster: Arc<Cluster>,
+    /// With TLS on: the store-only RPCs (bootstrap, ids, store registration, heartbeats,
+    /// splits) need a cluster member's certificate.
+    pub members_only: bool,
 }
 
 fn err_type(e: &PdError) -> ErrorType {
@@ -99,6 +102,7 @@ impl Pd for PdService {
         let (tx, rx) = mpsc::channel(64);
         let svc = PdService {
             cluster: cluster.clone(),
+            members_only: self.members_only,
         };
         tokio::spawn(async move {
             while let Some(Ok(r)) = inbound.next().await {
@@ -133,6 +137,7 @@ impl Pd for PdService {
         &self,
         req: Request<pdpb::BootstrapRequest>,
     ) -> Result<Response<pdpb::BootstrapResponse>, Status> {
+        atoll_util::tls::check_member(self.members_only, req.extensions())?;
         let r = req.into_inner();
         let res = match (r.store, r.region) {
             (Some(s), Some(g)) => self.cluster.bootstrap(s, g).await,
@@ -160,6 +165,7 @@ impl Pd for PdService {
         &self,
         req: Request<pdpb::AllocIdRequest>,
     ) -> Result<Response<pdpb::AllocIdResponse>, Status> {
+        atoll_util::tls::check_member(self.members_only, req.extensions())?;
         let r = req.into_inner();
         let count = r.count.clamp(1, 100_000);
         let res = match self.cluster.ensure_leader() {
@@ -177,6 +183,7 @@ impl Pd for PdService {
         &self,
         req: Request<pdpb::PutStoreRequest>,
     ) -> Result<Response<pdpb::PutStoreResponse>, Status> {
+        atoll_util::tls::check_member(self.members_only, req.extensions())?;
         let r = req.into_inner();
         let res = match self.check_cluster(&r.header) {
             Ok(()) => match r.store {
@@ -227,6 +234,7 @@ impl Pd for PdService {
         &self,
         req: Request<pdpb::StoreHeartbeatRequest>,
     ) -> Result<Response<pdpb::StoreHeartbeatResponse>, Status> {
+        atoll_util::tls::check_member(self.members_only, req.extensions())?;
         let r = req.into_inner();
         let res = match (self.check_cluster(&r.header), r.stats) {
             (Err(e), _) => Err(e),
@@ -245,11 +253,13 @@ impl Pd for PdService {
         &self,
         req: Request<Streaming<pdpb::RegionHeartbeatRequest>>,
     ) -> Result<Response<Self::RegionHeartbeatStream>, Status> {
+        atoll_util::tls::check_member(self.members_only, req.extensions())?;
         let mut inbound = req.into_inner();
         let cluster = self.cluster.clone();
         let (tx, rx) = mpsc::channel(1024);
         let svc = PdService {
             cluster: cluster.clone(),
+            members_only: self.members_only,
         };
         tokio::spawn(async move {
             let mut registered = 0u64;
@@ -340,6 +350,7 @@ impl Pd for PdService {
         &self,
         req: Request<pdpb::AskBatchSplitRequest>,
     ) -> Result<Response<pdpb::AskBatchSplitResponse>, Status> {
+        atoll_util::tls::check_member(self.members_only, req.extensions())?;
         let r = req.into_inner();
         let res = match r.region {
             Some(region) => self.cluster.ask_batch_split(region, r.split_count).await,
@@ -356,6 +367,7 @@ impl Pd for PdService {
         &self,
         req: Request<pdpb::ReportBatchSplitRequest>,
     ) -> Result<Response<pdpb::ReportBatchSplitResponse>, Status> {
+        atoll_util::tls::check_member(self.members_only, req.extensions())?;
         let r = req.into_inner();
         let res = self.cluster.report_batch_split(r.regions);
         Ok(Response::new(pdpb::ReportBatchSplitResponse {

@@ -25,6 +25,8 @@ pub struct NodeConfig {
     pub storage: StorageConfig,
     pub rocksdb: RocksDbConfig,
     pub raftstore: atoll_raftstore::Config,
+    /// TLS (`[security]`: cert-file, key-file, trusted-ca-file, client-cert-auth, peer-*).
+    pub security: atoll_util::tls::SecurityConfig,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -49,6 +51,7 @@ impl Default for NodeConfig {
             storage: StorageConfig::default(),
             rocksdb: RocksDbConfig::default(),
             raftstore: atoll_raftstore::Config::default(),
+            security: Default::default(),
         }
     }
 }
@@ -124,6 +127,7 @@ impl NodeConfig {
         self.raftstore
             .validate()
             .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        self.security.validate().map_err(ConfigError::Invalid)?;
         Ok(())
     }
 

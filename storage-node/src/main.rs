@@ -7,7 +7,13 @@ use atoll_storage_node::NodeConfig;
 use clap::Parser;
 
 #[derive(Parser, Debug)]
-#[command(name = "storage-node", version, about = "Atoll storage node")]
+// A flag given twice: the last one wins (scripts and tests append overrides).
+#[command(
+    name = "storage-node",
+    version,
+    about = "Atoll storage node",
+    args_override_self = true
+)]
 struct Args {
     /// PD addresses, comma separated.
     #[arg(long)]
@@ -54,6 +60,8 @@ struct Args {
     /// TOML configuration; flags win over it.
     #[arg(long)]
     config: Option<String>,
+    #[command(flatten)]
+    security: atoll_util::tls::SecurityFlags,
 }
 
 fn build_config(a: Args) -> anyhow::Result<NodeConfig> {
@@ -116,6 +124,7 @@ fn build_config(a: Args) -> anyhow::Result<NodeConfig> {
     if a.allow_unsafe_local_read {
         c.storage.allow_unsafe_local_read = true;
     }
+    a.security.apply(&mut c.security);
     c.validate()?;
     Ok(c)
 }

@@ -39,10 +39,16 @@ pub struct Node {
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
-async fn connect_pd(cfg: &NodeConfig, patience: Duration) -> anyhow::Result<RpcPdClient> {
+async fn connect_pd(
+    cfg: &NodeConfig,
+    tls: Option<atoll_util::tls::ClientTls>,
+    patience: Duration,
+) -> anyhow::Result<RpcPdClient> {
     let deadline = Instant::now() + patience;
+    let mut pd_cfg = RpcPdConfig::new(cfg.pd_endpoints());
+    pd_cfg.tls = tls;
     loop {
-        match RpcPdClient::connect(RpcPdConfig::new(cfg.pd_endpoints())).await {
+        match RpcPdClient::connect(pd_cfg.clone()).await {
             Ok(c) => return Ok(c),
             Err(e) if Instant::now() < deadline => {
                 tracing::warn!(error = %e, "PD not reachable yet; retrying");
@@ -174,7 +180,14 @@ impl Node {
             },
         )?;
         let snap_mgr = SnapManager::new(cfg.data_dir.join("snap"))?;
-        let pd: Arc<dyn PdClient> = Arc::new(connect_pd(&cfg, Duration::from_secs(60)).await?);
+        // TLS: what this store serves on its port and its status port, and what it dials
+        // other stores and PD with (files re-read when they change).
+        let sec = &cfg.security;
+        let server_tls = sec.client_port().map_err(|e| anyhow::anyhow!("TLS: {e}"))?;
+        let status_tls = sec.status_port().map_err(|e| anyhow::anyhow!("TLS: {e}"))?;
+        let peer_tls = sec.peer_client().map_err(|e| anyhow::anyhow!("TLS: {e}"))?;
+        let pd: Arc<dyn PdClient> =
+            Arc::new(connect_pd(&cfg, peer_tls.clone(), Duration::from_secs(60)).await?);
         let store_id = store_identity(&engine, pd.as_ref()).await?;
         let listener = tokio::net::TcpListener::bind(&cfg.addr)
             .await
@@ -205,6 +218,7 @@ impl Node {
             TransportConfig {
                 snap_chunk_size: cfg.raftstore.snap_chunk_size.0 as usize,
                 snap_send_limit: cfg.raftstore.concurrent_send_snap_limit,
+                tls: peer_tls.clone(),
                 ..TransportConfig::default()
             },
             Arc::new(PdStoreResolver::new(pd.clone())),
@@ -265,15 +279,20 @@ impl Node {
         let kv = KvServer::new(KvService::new(storage.clone(), etcd.auth.clone()))
             .max_decoding_message_size(64 << 20)
             .max_encoding_message_size(64 << 20);
-        let raft = RaftServer::new(RaftService::new(
-            Arc::new(router.clone()),
-            cfg.raftstore.concurrent_recv_snap_limit,
-        ))
-        .max_decoding_message_size(64 << 20)
-        .max_encoding_message_size(64 << 20);
+        // Raft messages and snapshots only from cluster members when TLS is on.
+        let raft = tonic::service::interceptor::InterceptedService::new(
+            RaftServer::new(RaftService::new(
+                Arc::new(router.clone()),
+                cfg.raftstore.concurrent_recv_snap_limit,
+            ))
+            .max_decoding_message_size(64 << 20)
+            .max_encoding_message_size(64 << 20),
+            atoll_util::tls::members_only(sec.members_only()),
+        );
         // The etcd layer's requests for regions this store leads go straight to its own KV
         // service, not through a socket to itself.
         etcd.client.serve_locally(&cfg.advertise(&addr), kv.clone());
+        etcd.client.set_tls(peer_tls.clone());
         // Expired leases of the lease records this store leads are revoked from here.
         tasks.push(tokio::spawn(atoll_etcd::lease::run_expiry(
             etcd.clone(),
@@ -285,19 +304,16 @@ impl Node {
         let routes = atoll_etcd::routes(&etcd, grpc);
         let mut rx = stop_rx.clone();
         tasks.push(tokio::spawn(async move {
-            // Accepted sockets need no-delay too (tonic applies it only to listeners it binds).
-            let incoming =
-                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-            let r = tonic::transport::Server::builder()
+            let router = tonic::transport::Server::builder()
                 .accept_http1(true)
                 .tcp_nodelay(true)
                 .initial_stream_window_size(4 << 20)
                 .initial_connection_window_size(16 << 20)
-                .add_routes(routes)
-                .serve_with_incoming_shutdown(incoming, async move {
-                    let _ = rx.wait_for(|s| *s).await;
-                })
-                .await;
+                .add_routes(routes);
+            let r = atoll_util::tls::serve(router, listener, server_tls, async move {
+                let _ = rx.wait_for(|s| *s).await;
+            })
+            .await;
             if let Err(e) = r {
                 tracing::error!(error = %e, "gRPC server stopped");
             }
@@ -337,7 +353,7 @@ impl Node {
                 .await
                 .map_err(|e| anyhow::anyhow!("status-addr {}: {e}", cfg.status_addr))?;
             Some(
-                atoll_util::status::spawn(a, status, async move {
+                atoll_util::status::spawn(a, status, status_tls, async move {
                     let _ = rx.wait_for(|s| *s).await;
                 })
                 .await?,

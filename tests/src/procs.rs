@@ -243,6 +243,51 @@ pub struct ClusterOpts {
     pub store_failpoints: Option<String>,
     /// FAILPOINTS for the PD members.
     pub pd_failpoints: Option<String>,
+    /// Flags for every kvctl run through the cluster (e.g. `--cacert ... --cert ... --key ...`).
+    pub kvctl_args: Vec<String>,
+}
+
+impl ClusterOpts {
+    /// Mutual TLS on every link with the files `kvctl cert` wrote into `certs`: every PD member
+    /// and storage node serves and dials with node.pem, requires client certificates from
+    /// ca.pem, and takes only `atoll-node` as a cluster member; kvctl uses client.pem.
+    pub fn mutual_tls(mut self, certs: &Path) -> Self {
+        let flags = tls_server_flags(certs, "");
+        self.pd_args.extend(flags.iter().cloned());
+        self.store_args.extend(flags);
+        self.kvctl_args.extend(tls_client_flags(certs, "client"));
+        self
+    }
+}
+
+/// Server TLS flags for the files of `kvctl cert` in `certs`: `prefix` "" for the cluster's CA,
+/// "other-" for the other CA's node certificate and CA.
+pub fn tls_server_flags(certs: &Path, prefix: &str) -> Vec<String> {
+    let f = |n: &str| certs.join(n).display().to_string();
+    vec![
+        "--cert-file".into(),
+        f(&format!("{prefix}node.pem")),
+        "--key-file".into(),
+        f(&format!("{prefix}node-key.pem")),
+        "--trusted-ca-file".into(),
+        f(&format!("{prefix}ca.pem")),
+        "--client-cert-auth".into(),
+        "--peer-cert-allowed-cn".into(),
+        "atoll-node".into(),
+    ]
+}
+
+/// kvctl's (and etcdctl's) TLS flags: the cluster's CA and the certificate `NAME.pem`.
+pub fn tls_client_flags(certs: &Path, name: &str) -> Vec<String> {
+    let f = |n: &str| certs.join(n).display().to_string();
+    vec![
+        "--cacert".into(),
+        f("ca.pem"),
+        "--cert".into(),
+        f(&format!("{name}.pem")),
+        "--key".into(),
+        f(&format!("{name}-key.pem")),
+    ]
 }
 
 pub struct ProcCluster {
@@ -369,9 +414,11 @@ impl ProcCluster {
         i
     }
 
-    /// Runs kvctl against this cluster.
+    /// Runs kvctl against this cluster (with [`ClusterOpts::kvctl_args`]).
     pub fn kvctl(&self, args: &[&str]) -> Output {
-        kvctl(&self.pd_endpoints(), args)
+        let mut a: Vec<&str> = self.opts.kvctl_args.iter().map(String::as_str).collect();
+        a.extend_from_slice(args);
+        kvctl(&self.pd_endpoints(), &a)
     }
 
     /// Runs kvctl with `--output json` and parses the answer (panics on failure).

@@ -29,13 +29,13 @@ use atoll_pd_client::{PdClient, RpcPdClient, RpcPdConfig};
 use atoll_proto::kvrpcpb::kv_client::KvClient;
 use atoll_proto::{errorpb, kvrpcpb, metapb};
 use atoll_util::backoff::Backoff;
+use atoll_util::tls::ClientTls;
 use parking_lot::{Mutex, RwLock};
 use region_cache::{CachedRegion, RegionCache};
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tonic::transport::Endpoint;
 
 #[derive(Clone, Debug)]
 pub struct ClientConfig {
@@ -55,6 +55,9 @@ pub struct ClientConfig {
     pub unsafe_follower_read: bool,
     /// HTTP/2 connections per store (requests are spread over them in turn).
     pub connections_per_store: usize,
+    /// TLS for PD and the stores (CA, and a client certificate for mutual TLS); `None`:
+    /// plaintext.
+    pub tls: Option<ClientTls>,
 }
 
 impl ClientConfig {
@@ -68,6 +71,7 @@ impl ClientConfig {
             scan_batch: 1024,
             unsafe_follower_read: false,
             connections_per_store: 1,
+            tls: None,
         }
     }
 }
@@ -155,6 +159,8 @@ pub struct Client {
     /// A store in this process, called directly (address, client).
     local: RwLock<Option<(String, KvConn)>>,
     next_conn: std::sync::atomic::AtomicUsize,
+    /// TLS of new store connections ([`ClientConfig::tls`], or [`Client::set_tls`]).
+    tls: RwLock<Option<ClientTls>>,
     pool: tokio::sync::Mutex<TsPool>,
     stats: Mutex<ClientStats>,
     /// The token requests over the network carry (none: no `token` metadata).
@@ -182,12 +188,14 @@ impl Client {
         let mut pd_cfg = RpcPdConfig::new(cfg.pd_endpoints.clone());
         pd_cfg.retry_deadline = cfg.timeout;
         pd_cfg.rpc_timeout = cfg.rpc_timeout.min(Duration::from_secs(3));
+        pd_cfg.tls = cfg.tls.clone();
         let pd = RpcPdClient::connect(pd_cfg).await?;
         Ok(Self::with_pd(cfg, Arc::new(pd)))
     }
 
     pub fn with_pd(cfg: ClientConfig, pd: Arc<dyn PdClient>) -> Arc<Client> {
         Arc::new(Client {
+            tls: RwLock::new(cfg.tls.clone()),
             cfg,
             cache: RegionCache::new(pd),
             conns: RwLock::new(HashMap::new()),
@@ -214,6 +222,13 @@ impl Client {
 
     pub fn pd(&self) -> &Arc<dyn PdClient> {
         self.cache.pd()
+    }
+
+    /// Store connections made from now on use `tls` (a store's own client, whose config it
+    /// does not make, dials the other stores with the store's certificate).
+    pub fn set_tls(&self, tls: Option<ClientTls>) {
+        *self.tls.write() = tls;
+        self.conns.write().clear();
     }
 
     pub fn config(&self) -> &ClientConfig {
@@ -291,16 +306,17 @@ impl Client {
         }
         let n = self.cfg.connections_per_store.max(1);
         let mut cs = Vec::with_capacity(n);
+        let tls = self.tls.read().clone();
         for _ in 0..n {
-            let ch = Endpoint::from_shared(format!("http://{addr}"))
+            let ep = atoll_util::tls::endpoint(addr, tls.as_ref())
                 .map_err(|e| Error::InvalidArgument(format!("bad store address {addr:?}: {e}")))?
                 .connect_timeout(Duration::from_secs(2))
                 .tcp_nodelay(true)
                 .http2_keep_alive_interval(Duration::from_secs(10))
                 .keep_alive_timeout(Duration::from_secs(5))
                 .initial_stream_window_size(4 << 20)
-                .initial_connection_window_size(16 << 20)
-                .connect_lazy();
+                .initial_connection_window_size(16 << 20);
+            let ch = atoll_util::tls::connect_lazy(ep, tls.as_ref());
             let token = self.token.clone();
             let ch = tower::ServiceExt::map_request(
                 ch,

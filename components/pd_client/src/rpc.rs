@@ -8,13 +8,14 @@ use async_trait::async_trait;
 use atoll_proto::pdpb::pd_client::PdClient as GrpcPd;
 use atoll_proto::{metapb, pdpb};
 use atoll_util::backoff::Backoff;
+use atoll_util::tls::ClientTls;
 use parking_lot::{Mutex, RwLock};
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 #[derive(Clone, Debug)]
 pub struct RpcPdConfig {
@@ -23,6 +24,8 @@ pub struct RpcPdConfig {
     pub rpc_timeout: Duration,
     /// How long a call keeps retrying (leader changes, unreachable members).
     pub retry_deadline: Duration,
+    /// TLS to PD (`None`: plaintext).
+    pub tls: Option<ClientTls>,
 }
 
 impl RpcPdConfig {
@@ -31,6 +34,7 @@ impl RpcPdConfig {
             endpoints,
             rpc_timeout: Duration::from_secs(3),
             retry_deadline: Duration::from_secs(15),
+            tls: None,
         }
     }
 }
@@ -135,18 +139,24 @@ pub struct RpcPdClient {
     inner: Arc<Inner>,
 }
 
-pub(crate) async fn connect(addr: &str, timeout: Duration) -> Result<Channel> {
-    let ep = Endpoint::from_shared(format!("http://{addr}"))
+pub(crate) async fn connect(
+    addr: &str,
+    timeout: Duration,
+    tls: Option<&ClientTls>,
+) -> Result<Channel> {
+    let ep = atoll_util::tls::endpoint(addr, tls)
         .map_err(|e| Error::InvalidValue(format!("bad PD address {addr:?}: {e}")))?
         .connect_timeout(timeout)
         .timeout(timeout)
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(3));
-    ep.connect().await.map_err(|e| Error::Unreachable {
-        addrs: addr.to_string(),
-        reason: e.to_string(),
-    })
+    atoll_util::tls::connect(ep, tls)
+        .await
+        .map_err(|e| Error::Unreachable {
+            addrs: addr.to_string(),
+            reason: e.to_string(),
+        })
 }
 
 impl RpcPdClient {
@@ -199,7 +209,7 @@ impl RpcPdClient {
                     .rpc_timeout
                     .min(deadline.saturating_duration_since(Instant::now()))
                     .max(Duration::from_millis(100));
-                let ch = match connect(&addr, timeout).await {
+                let ch = match connect(&addr, timeout, self.inner.cfg.tls.as_ref()).await {
                     Ok(ch) => ch,
                     Err(e) => {
                         last_err = e.to_string();
@@ -245,7 +255,7 @@ impl RpcPdClient {
                 let leader_client = if leader.client_addr == addr {
                     client
                 } else {
-                    match connect(&leader.client_addr, timeout).await {
+                    match connect(&leader.client_addr, timeout, self.inner.cfg.tls.as_ref()).await {
                         Ok(ch) => GrpcPd::new(ch),
                         Err(e) => {
                             last_err = e.to_string();
@@ -314,7 +324,9 @@ impl RpcPdClient {
                             self.invalidate(&leader.addr);
                             if !new_leader.is_empty() {
                                 // Prefer the hinted leader next time.
-                                if let Ok(ch) = connect(&new_leader, timeout).await {
+                                if let Ok(ch) =
+                                    connect(&new_leader, timeout, self.inner.cfg.tls.as_ref()).await
+                                {
                                     *self.inner.leader.write() = Some(Arc::new(Leader {
                                         addr: new_leader,
                                         client: GrpcPd::new(ch),
@@ -716,7 +728,13 @@ impl PdClient for RpcPdClient {
                     if Instant::now() >= deadline {
                         break;
                     }
-                    if let Ok(ch) = connect(addr, self.inner.cfg.rpc_timeout).await {
+                    if let Ok(ch) = connect(
+                        addr,
+                        self.inner.cfg.rpc_timeout,
+                        self.inner.cfg.tls.as_ref(),
+                    )
+                    .await
+                    {
                         if let Ok(r) = GrpcPd::new(ch)
                             .get_members(pdpb::GetMembersRequest { header: None })
                             .await

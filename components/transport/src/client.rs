@@ -8,6 +8,7 @@ use atoll_proto::raft_serverpb::{BatchRaftMessage, RaftMessage, SnapshotChunk, S
 use atoll_raftstore::snap::SnapKey;
 use atoll_raftstore::Transport;
 use atoll_util::backoff::Backoff;
+use atoll_util::tls::ClientTls;
 use parking_lot::{Mutex, RwLock};
 use std::collections::HashMap;
 use std::io::Read;
@@ -15,7 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, Notify, Semaphore};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 #[derive(Clone, Debug)]
 pub struct TransportConfig {
@@ -26,6 +27,8 @@ pub struct TransportConfig {
     pub connect_timeout: Duration,
     pub snap_chunk_size: usize,
     pub snap_send_limit: usize,
+    /// TLS to the other stores: the store's peer certificate (`None`: plaintext).
+    pub tls: Option<ClientTls>,
 }
 
 impl Default for TransportConfig {
@@ -36,6 +39,7 @@ impl Default for TransportConfig {
             connect_timeout: Duration::from_secs(2),
             snap_chunk_size: 1 << 20,
             snap_send_limit: 4,
+            tls: None,
         }
     }
 }
@@ -62,16 +66,20 @@ pub struct GrpcTransport {
     inner: Arc<Inner>,
 }
 
-pub(crate) async fn connect(addr: &str, timeout: Duration) -> Result<Channel, String> {
-    Endpoint::from_shared(format!("http://{addr}"))
+pub(crate) async fn connect(
+    addr: &str,
+    timeout: Duration,
+    tls: Option<&ClientTls>,
+) -> Result<Channel, String> {
+    let ep = atoll_util::tls::endpoint(addr, tls)
         .map_err(|e| e.to_string())?
         .connect_timeout(timeout)
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(5))
         .keep_alive_timeout(Duration::from_secs(3))
         .initial_stream_window_size(4 << 20)
-        .initial_connection_window_size(16 << 20)
-        .connect()
+        .initial_connection_window_size(16 << 20);
+    atoll_util::tls::connect(ep, tls)
         .await
         .map_err(|e| format!("connect {addr}: {e}"))
 }
@@ -214,7 +222,7 @@ async fn run_conn(inner: Arc<Inner>, to: u64, conn: Arc<Conn>) {
                 continue;
             }
         };
-        let ch = match connect(&addr, inner.cfg.connect_timeout).await {
+        let ch = match connect(&addr, inner.cfg.connect_timeout, inner.cfg.tls.as_ref()).await {
             Ok(ch) => ch,
             Err(e) => {
                 tracing::debug!(to_store = to, error = %e, "connect store");
@@ -310,7 +318,7 @@ async fn send_snapshot(
         return Err(format!("snapshot file {path:?} is gone"));
     }
     let addr = inner.resolver.resolve(to).await?;
-    let ch = connect(&addr, inner.cfg.connect_timeout).await?;
+    let ch = connect(&addr, inner.cfg.connect_timeout, inner.cfg.tls.as_ref()).await?;
     let mut client = RaftClient::new(ch)
         .max_decoding_message_size(64 << 20)
         .max_encoding_message_size(64 << 20);

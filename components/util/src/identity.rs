@@ -12,4 +12,7 @@ pub struct PeerIdentity {
     pub common_name: Option<String>,
     /// The peer's socket address.
     pub remote_addr: Option<std::net::SocketAddr>,
+    /// The certificate chains to the cluster's peer CA (and its common name is allowed by
+    /// `--peer-cert-allowed-cn`): a store or PD member, allowed on internal services.
+    pub cluster_member: bool,
 }

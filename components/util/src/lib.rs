@@ -11,6 +11,7 @@
 //! | [`failpoints`] | failpoint set-up from `FAILPOINTS` and at run time |
 //! | [`hex`] | how keys and values that are not UTF-8 are printed (`0x…`) |
 //! | [`identity`] | [`identity::PeerIdentity`]: the client certificate's name, as TLS proved it |
+//! | [`tls`] | TLS and mutual TLS: flags, reloading configs, accepting and dialing |
 
 pub mod backoff;
 pub mod config;
@@ -21,6 +22,7 @@ pub mod logging;
 pub mod metrics;
 pub mod status;
 pub mod sys;
+pub mod tls;
 
 /// Makes a panic on any thread end the process (after the usual panic message and an error
 /// log line), as a server must: a storage node whose raft poller or worker thread died would

@@ -75,19 +75,33 @@ pub async fn resolve(addr: &str) -> std::io::Result<SocketAddr> {
     })
 }
 
-/// Binds now (so the caller learns of a taken port at once) and serves in the background.
+/// Binds now (so the caller learns of a taken port at once) and serves in the background:
+/// HTTPS when `tls` is given (see [`crate::tls::SecurityConfig::status_port`]).
 pub async fn spawn(
     addr: SocketAddr,
     status: StatusFn,
+    tls: Option<crate::tls::ServerTls>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
     tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, router(status))
-            .with_graceful_shutdown(shutdown)
-            .await
-        {
+        let r = match tls {
+            None => {
+                axum::serve(listener, router(status))
+                    .with_graceful_shutdown(shutdown)
+                    .await
+            }
+            Some(tls) => match crate::tls::TlsListener::new(listener, tls) {
+                Ok(l) => {
+                    axum::serve(l, router(status))
+                        .with_graceful_shutdown(shutdown)
+                        .await
+                }
+                Err(e) => Err(e),
+            },
+        };
+        if let Err(e) = r {
             tracing::warn!(error = %e, "status server stopped");
         }
     });

@@ -922,6 +922,7 @@ mod tests {
             .insert(atoll_util::identity::PeerIdentity {
                 common_name: Some("alice".into()),
                 remote_addr: Some("127.0.0.1:5000".parse().unwrap()),
+                ..Default::default()
             });
         let peer = req.extensions().get::<atoll_util::identity::PeerIdentity>();
         let c = decide(&s, false, None, peer, 1000).unwrap();
@@ -944,6 +945,7 @@ mod tests {
         let ghost = atoll_util::identity::PeerIdentity {
             common_name: Some("ghost".into()),
             remote_addr: None,
+            ..Default::default()
         };
         let g = decide(&s, false, None, Some(&ghost), 1000).unwrap();
         assert!(check_in(&s, &g, &[Need::read(b"/a/x", b"")]).is_err());
