@@ -9,7 +9,9 @@
 #   4. stops one store (SIGKILL by default; the one leading the data's region unless
 #      ATOLL_STOP_STORE=storeN) and checks that writes and reads still succeed within 20 s,
 #   5. starts store4 with `--profile scale up -d store4` and checks that it registers,
-#   6. always tears everything down (`--profile scale down -v`), also on failure or Ctrl-C.
+#   6. starts the cluster again with mutual TLS (docker-compose.tls.yml) and checks that put/get
+#      with the client certificate works from the host and plaintext is refused,
+#   7. always tears everything down (`--profile scale down -v`), also on failure or Ctrl-C.
 # Exit status 0 only if every step passed.
 #
 # Environment (all optional):
@@ -65,7 +67,8 @@ elif docker compose version >/dev/null 2>&1; then
 else
   fail "neither docker-compose nor the docker compose plugin is installed"
 fi
-dc() { "${compose[@]}" -p "$project" -f docker-compose.yml "$@"; }
+compose_files=(-f docker-compose.yml)
+dc() { "${compose[@]}" -p "$project" "${compose_files[@]}" "$@"; }
 
 [ -x "$kvctl_bin" ] || fail "$kvctl_bin is missing: cargo build --release --workspace --all-targets"
 kv() { "$kvctl_bin" --timeout 5 "$@"; }
@@ -271,3 +274,35 @@ store4_listed() {
 retry 20 "store4 registered" store4_listed
 check_put_get k-after-scale v3 || fail "put/get after store4 joined"
 log "store4 registered (4 stores listed)"
+
+# ---- 6. mutual TLS ----------------------------------------------------------------------------
+log "starting again with mutual TLS (docker-compose.tls.yml)"
+dc --profile scale down -v --remove-orphans >/dev/null 2>&1 || fail "down before the TLS run"
+compose_files=(-f docker-compose.yml -f docker-compose.tls.yml)
+up_deadline=$((SECONDS + up_timeout))
+timeout "$up_timeout" "${compose[@]}" -p "$project" "${compose_files[@]}" up -d >&2 \
+  || fail "up -d with docker-compose.tls.yml failed or took more than ${up_timeout}s"
+wait_healthy "$up_deadline" pd1 pd2 pd3 store1 store2 store3
+certs=$(mktemp -d /tmp/atoll-compose-certs.XXXX)
+docker cp "$(dc ps -a -q certs | head -1):/data/." "$certs" >/dev/null || fail "copy the certificates out"
+tls=(--cacert "$certs/ca.pem" --cert "$certs/client.pem" --key "$certs/client-key.pem")
+tls_put_get() {
+  local got
+  kv "${tls[@]}" --pd "$pd_endpoints" put k-tls v-tls >/dev/null || return 1
+  got=$(kv "${tls[@]}" --pd "$pd_endpoints" get k-tls) || return 1
+  [ "$got" = v-tls ] || { echo "get k-tls = '$got'"; return 1; }
+}
+retry 20 "put/get over mutual TLS" tls_put_get
+if kv --pd "$pd_endpoints" get k-tls >/dev/null 2>&1; then fail "plaintext get was served"; fi
+if kv --cacert "$certs/ca.pem" --pd "$pd_endpoints" get k-tls >/dev/null 2>&1; then
+  fail "a client without a certificate was served"
+fi
+kv "${tls[@]}" probe "$host_ip:$ATOLL_STORE1_STATUS_PORT" /metrics >/dev/null || fail "status port over HTTPS"
+if command -v etcdctl >/dev/null; then
+  got=$(ETCDCTL_API=3 etcdctl --endpoints "https://$host_ip:$ATOLL_STORE1_PORT" --cacert "$certs/ca.pem" \
+    --cert "$certs/client.pem" --key "$certs/client-key.pem" --print-value-only get k-tls) \
+    || fail "etcdctl over mutual TLS"
+  [ "$got" = v-tls ] || fail "etcdctl get k-tls returned '$got'"
+fi
+rm -rf "$certs"
+log "mutual TLS: put/get with the client certificate ok; plaintext and certificate-less clients refused"

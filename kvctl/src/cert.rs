@@ -40,6 +40,10 @@ pub struct CertArgs {
     /// Also write an expired client certificate from the CA (expired-client*.pem).
     #[arg(long)]
     pub expired: bool,
+    /// Write nothing when DIR already holds ca.pem, node.pem and client.pem (for a setup step
+    /// that runs at every start, as the compose TLS profile's).
+    #[arg(long, conflicts_with = "reuse_ca")]
+    pub if_missing: bool,
 }
 
 fn random_serial() -> SerialNumber {
@@ -165,6 +169,23 @@ pub fn run(a: &CertArgs) -> anyhow::Result<serde_json::Value> {
     std::fs::create_dir_all(&a.dir)
         .map_err(|e| anyhow::anyhow!("create {}: {e}", a.dir.display()))?;
     let dir = a.dir.as_path();
+    if a.if_missing
+        && [
+            "ca.pem",
+            "node.pem",
+            "node-key.pem",
+            "client.pem",
+            "client-key.pem",
+        ]
+        .iter()
+        .all(|f| dir.join(f).exists())
+    {
+        return Ok(serde_json::json!({
+            "dir": dir.display().to_string(),
+            "files": [],
+            "kept": true,
+        }));
+    }
     let now = time::OffsetDateTime::now_utc();
     let valid = (
         now - time::Duration::days(1),

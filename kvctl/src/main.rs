@@ -9,6 +9,7 @@ mod etcd;
 mod lease;
 mod lease_bench;
 mod playground;
+mod probe;
 mod watch;
 mod watch_bench;
 
@@ -172,6 +173,9 @@ enum Cmd {
     },
     /// Write a CA and the certificates of a local cluster (mutual TLS) into a folder.
     Cert(cert::CertArgs),
+    /// Ask a status port for PATH (default /status) over HTTP, or HTTPS with --cacert; exits
+    /// 0 on a 200 answer (a health check for servers running with TLS).
+    Probe(probe::ProbeArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -288,6 +292,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Role { cmd } => {
             let e = etcd_endpoints(&cli, None).await?;
             return auth::role(&e, cmd.clone(), out == Output::Json).await;
+        }
+        Cmd::Probe(a) => {
+            let v = probe::run(a, Duration::from_secs_f64(cli.timeout.max(0.1))).await?;
+            print(out, format!("OK {}", v["code"]), v);
+            return Ok(());
         }
         Cmd::Cert(a) => {
             let v = cert::run(a)?;
@@ -660,6 +669,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Bench(_)
         | Cmd::Playground(_)
         | Cmd::Cert(_)
+        | Cmd::Probe(_)
         | Cmd::WatchBench(_)
         | Cmd::Lease(_)
         | Cmd::LeaseBench(_)

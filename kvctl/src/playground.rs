@@ -32,17 +32,16 @@ pub async fn run(a: PlaygroundArgs) -> anyhow::Result<()> {
     let pd_addr = format!("127.0.0.1:{}", a.pd_port);
     let certs = a.data_dir.join("certs");
     let security = if a.tls {
-        if !certs.join("ca.pem").exists() {
-            crate::cert::run(&crate::cert::CertArgs {
-                dir: certs.clone(),
-                hosts: vec![],
-                client_cn: "root".into(),
-                days: 365,
-                reuse_ca: false,
-                other_ca: false,
-                expired: false,
-            })?;
-        }
+        crate::cert::run(&crate::cert::CertArgs {
+            dir: certs.clone(),
+            hosts: vec![],
+            client_cn: "root".into(),
+            days: 365,
+            reuse_ca: false,
+            other_ca: false,
+            expired: false,
+            if_missing: true,
+        })?;
         crate::cert::security_config(&certs)
     } else {
         Default::default()

@@ -275,7 +275,7 @@ impl Node {
         let token: Arc<dyn Fn() -> Option<String> + Send + Sync> =
             Arc::new(move || Some(auth.store_token()));
         etcd.client.set_token_source(Some(token));
-        tasks.push(tokio::spawn(etcd.auth.clone().run_refresh(stop_rx.clone())));
+        tasks.push(tokio::spawn(etcd.auth.clone().load(stop_rx.clone())));
         let kv = KvServer::new(KvService::new(storage.clone(), etcd.auth.clone()))
             .max_decoding_message_size(64 << 20)
             .max_encoding_message_size(64 << 20);

@@ -232,6 +232,9 @@ fn hibernation_survives_a_down_store() {
     for i in (0..n).step_by((n / 20).max(1)) {
         let key = format!("k{i:05}x");
         let o = c.kvctl(&["--timeout", "20", "put", &key, "v"]);
+        if !o.status.success() {
+            c.dump_logs();
+        }
         assert!(
             o.status.success(),
             "put {key} after the kill: {}",

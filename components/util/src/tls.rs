@@ -75,33 +75,35 @@ pub struct SecurityConfig {
     pub peer_cert_allowed_cn: Vec<String>,
 }
 
-/// The TLS flags shared by `pd-server` and `storage-node` (`--cert-file`, ...).
+/// The TLS flags shared by `pd-server` and `storage-node` (`--cert-file`, ...). Each can also
+/// be given as an environment variable, as etcd's `ETCD_CERT_FILE`: `ATOLL_CERT_FILE`, ...
+/// (a flag wins over its variable).
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct SecurityFlags {
     /// Certificate (PEM) served on the client port; turns TLS on.
-    #[arg(long)]
+    #[arg(long, env = "ATOLL_CERT_FILE")]
     pub cert_file: Option<String>,
     /// Private key (PEM) of --cert-file.
-    #[arg(long)]
+    #[arg(long, env = "ATOLL_KEY_FILE")]
     pub key_file: Option<String>,
     /// CA certificates (PEM) that client certificates must chain to.
-    #[arg(long)]
+    #[arg(long, env = "ATOLL_TRUSTED_CA_FILE")]
     pub trusted_ca_file: Option<String>,
     /// Refuse clients without a valid certificate (needs --trusted-ca-file).
-    #[arg(long)]
+    #[arg(long, env = "ATOLL_CLIENT_CERT_AUTH")]
     pub client_cert_auth: bool,
     /// Certificate (PEM) for internal links (store to store, store to PD, PD to PD); defaults
     /// to --cert-file.
-    #[arg(long)]
+    #[arg(long, env = "ATOLL_PEER_CERT_FILE")]
     pub peer_cert_file: Option<String>,
     /// Private key (PEM) of --peer-cert-file; defaults to --key-file.
-    #[arg(long)]
+    #[arg(long, env = "ATOLL_PEER_KEY_FILE")]
     pub peer_key_file: Option<String>,
     /// CA certificates (PEM) of the cluster members; defaults to --trusted-ca-file.
-    #[arg(long)]
+    #[arg(long, env = "ATOLL_PEER_TRUSTED_CA_FILE")]
     pub peer_trusted_ca_file: Option<String>,
     /// Common names that cluster members' certificates may carry (comma separated; empty: any).
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, env = "ATOLL_PEER_CERT_ALLOWED_CN", value_delimiter = ',')]
     pub peer_cert_allowed_cn: Vec<String>,
 }
 

@@ -7,10 +7,14 @@
 //!   restarts. Every change is one transaction that also rewrites the state record with the
 //!   revision plus one: two concurrent changes conflict on it, so changes are serializable
 //!   ([`AuthStore::mutate`]).
-//! - **Every store caches the state** ([`AuthState`]) and re-reads it when the state record's
-//!   revision changed: at once after a change it made, and otherwise every
-//!   [`REFRESH_INTERVAL`] (so a change made on one store is enforced on every store within
-//!   that interval plus one read).
+//! - **Every store caches the state** ([`AuthState`]) and confirms it on demand: a call that
+//!   finds the cache last confirmed more than [`REFRESH_INTERVAL`] ago first reads the state
+//!   record's revision at a fresh timestamp (one read for all the calls waiting, waited for
+//!   up to [`CONFIRM_WAIT`], else the cached state is used), and the whole state when the
+//!   revision moved. A change made on one store is thus enforced on
+//!   every store for calls that start more than that interval after it was acknowledged, and
+//!   on the store that made it at once. An idle store reads nothing, so the region holding
+//!   the auth records hibernates like any other.
 //! - **Tokens** are signed by the store that issued them and valid on every store (token.rs);
 //!   a token carries its user, the auth revision it was issued at and its expiry. It is
 //!   refused once expired, once its user is deleted, once the user's password changed after
@@ -42,8 +46,10 @@ use std::sync::Arc;
 use std::time::Duration;
 use tonic::{Code, Status};
 
-/// How often every store re-reads the auth revision to pick up changes made elsewhere.
+/// How long a confirmed auth state is used before a call confirms it again.
 pub const REFRESH_INTERVAL: Duration = Duration::from_millis(500);
+/// How long a call waits for a confirmation before it uses the cached state.
+pub const CONFIRM_WAIT: Duration = Duration::from_secs(1);
 /// etcd's default `--auth-token-ttl` (seconds).
 pub const DEFAULT_TOKEN_TTL_SECS: u64 = 300;
 /// etcd's default bcrypt cost (`bcrypt.DefaultCost`).
@@ -305,8 +311,17 @@ pub struct AuthStore {
     pd: Arc<dyn PdClient>,
     key: RwLock<SigningKey>,
     state: RwLock<Arc<AuthState>>,
-    /// Whether the state was read at least once (until then calls that need it wait).
-    loaded: tokio::sync::watch::Sender<bool>,
+    /// When the cached state was last confirmed current: every change acknowledged before
+    /// this instant is in it (`None`: never read).
+    confirmed: Mutex<Option<std::time::Instant>>,
+    /// Whether a confirmation runs (one at a time, in its own task).
+    confirming: std::sync::atomic::AtomicBool,
+    /// Bumped when a confirmation ends, however it ended (callers wait for it).
+    attempts: tokio::sync::watch::Sender<u64>,
+    /// After a failed confirmation, calls use the cached state without waiting until then.
+    retry_at: Mutex<Option<std::time::Instant>>,
+    /// This store, for the confirmation task.
+    me: std::sync::Weak<AuthStore>,
     token_ttl_ms: AtomicU64,
     /// Other stores' public keys.
     keys: RwLock<HashMap<u64, VerifyingKey>>,
@@ -320,13 +335,17 @@ pub struct AuthStore {
 
 impl AuthStore {
     pub fn new(store_id: u64, client: Arc<Client>, pd: Arc<dyn PdClient>) -> Arc<AuthStore> {
-        Arc::new(AuthStore {
+        Arc::new_cyclic(|me| AuthStore {
             store_id,
             client,
             pd,
             key: RwLock::new(token::new_key()),
             state: RwLock::new(Arc::default()),
-            loaded: tokio::sync::watch::channel(false).0,
+            confirmed: Mutex::new(None),
+            confirming: Default::default(),
+            attempts: tokio::sync::watch::channel(0).0,
+            retry_at: Mutex::new(None),
+            me: me.clone(),
             token_ttl_ms: AtomicU64::new(DEFAULT_TOKEN_TTL_SECS * 1000),
             keys: RwLock::default(),
             fetched: Mutex::default(),
@@ -447,22 +466,106 @@ impl AuthStore {
         Some(claims)
     }
 
-    /// The state once it was read at least once (or an error after a while).
+    /// Whether the cached state was confirmed within [`REFRESH_INTERVAL`].
+    fn fresh(&self) -> bool {
+        self.confirmed
+            .lock()
+            .is_some_and(|t| t.elapsed() < REFRESH_INTERVAL)
+    }
+
+    /// The state, confirmed current within [`REFRESH_INTERVAL`]. A stale cache starts a
+    /// confirmation (in its own task, one at a time) and waits for it up to [`CONFIRM_WAIT`];
+    /// if the auth records cannot be read in that time, the cached state is used and calls
+    /// stop waiting for [`REFRESH_INTERVAL`] (no call depends on the availability of the
+    /// region holding them for longer). A store that never read the state waits up to 5 s,
+    /// then answers unavailable.
     async fn loaded_state(&self) -> Result<Arc<AuthState>, Status> {
-        let mut rx = self.loaded.subscribe();
-        if !*rx.borrow() {
-            let wait = rx.wait_for(|l| *l);
-            if tokio::time::timeout(Duration::from_secs(5), wait)
-                .await
-                .is_err()
-            {
-                return Err(errors::atoll(
-                    Code::Unavailable,
-                    "the auth state has not been read yet",
-                ));
+        if self.fresh() {
+            return Ok(self.state());
+        }
+        let never = self.confirmed.lock().is_none();
+        let now = std::time::Instant::now();
+        if !never && self.retry_at.lock().is_some_and(|t| now < t) {
+            return Ok(self.state());
+        }
+        let mut rx = self.attempts.subscribe();
+        let seen = *rx.borrow_and_update();
+        self.start_confirm();
+        let wait = if never {
+            Duration::from_secs(5)
+        } else {
+            CONFIRM_WAIT
+        };
+        let _ = tokio::time::timeout(wait, rx.wait_for(|g| *g != seen)).await;
+        if self.confirmed.lock().is_none() {
+            return Err(errors::atoll(
+                Code::Unavailable,
+                "the auth state could not be read yet",
+            ));
+        }
+        if !self.fresh() {
+            tracing::debug!(
+                "the auth state could not be confirmed in time; the cached one is used"
+            );
+            let mut r = self.retry_at.lock();
+            if r.is_none_or(|t| t < now) {
+                *r = Some(now + REFRESH_INTERVAL);
             }
         }
         Ok(self.state())
+    }
+
+    /// Starts a confirmation unless one runs.
+    fn start_confirm(&self) {
+        let Some(me) = self.me.upgrade() else {
+            return;
+        };
+        if self.confirming.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        tokio::spawn(async move {
+            if let Err(e) = me.confirm().await {
+                tracing::debug!(error = %e.message(), "reading the auth state failed");
+            }
+            me.confirming.store(false, Ordering::Release);
+            me.attempts.send_modify(|g| *g = g.wrapping_add(1));
+        });
+    }
+
+    /// Reads the state record's revision at a fresh timestamp, and the whole state if it is
+    /// not the cached one's.
+    async fn confirm(&self) -> Result<(), Status> {
+        if self.confirmed.lock().is_none() {
+            return self.refresh().await;
+        }
+        let started = std::time::Instant::now();
+        let ts = self.client.tso().await.map_err(crate::kv::client_error)?;
+        let k = state_key();
+        let mut end = k.clone();
+        end.push(0);
+        let (kvs, _) = self
+            .client
+            .etcd_range(&k, &end, ts, 1, false, false)
+            .await
+            .map_err(crate::kv::client_error)?;
+        let rev = kvs
+            .first()
+            .and_then(|kv| StateRecord::decode(kv.value.as_slice()).ok())
+            .map_or(0, |s| s.revision);
+        if rev == self.state().revision() {
+            self.mark_confirmed(started);
+            return Ok(());
+        }
+        let s = self.read_at(ts).await?;
+        self.install(s, started);
+        Ok(())
+    }
+
+    fn mark_confirmed(&self, at: std::time::Instant) {
+        let mut c = self.confirmed.lock();
+        if c.is_none_or(|t| t < at) {
+            *c = Some(at);
+        }
     }
 
     /// Who makes a call with this metadata and these extensions.
@@ -548,9 +651,10 @@ impl AuthStore {
 
     /// Reads the state at a fresh timestamp and caches it if it is newer than the cached one.
     pub async fn refresh(&self) -> Result<(), Status> {
+        let started = std::time::Instant::now();
         let ts = self.client.tso().await.map_err(crate::kv::client_error)?;
         let s = self.read_at(ts).await?;
-        self.install(s);
+        self.install(s, started);
         Ok(())
     }
 
@@ -567,49 +671,27 @@ impl AuthStore {
         ))
     }
 
-    fn install(&self, s: AuthState) {
+    /// Caches `s`, read at a timestamp taken after `started`.
+    fn install(&self, s: AuthState, started: std::time::Instant) {
         {
             let mut cur = self.state.write();
-            let first = !*self.loaded.borrow();
+            let first = self.confirmed.lock().is_none();
             if first || s.revision() > cur.revision() || s.revision() == 0 {
                 *cur = Arc::new(s);
             }
         }
-        self.loaded.send_replace(true);
+        self.mark_confirmed(started);
     }
 
-    /// Re-reads the state whenever its revision changed, every [`REFRESH_INTERVAL`], until
-    /// `stop` turns true.
-    pub async fn run_refresh(self: Arc<Self>, mut stop: tokio::sync::watch::Receiver<bool>) {
+    /// Reads the state once at start (retried until it succeeds or `stop` turns true), so
+    /// the first call does not wait for it. Later reads are made on demand.
+    pub async fn load(self: Arc<Self>, mut stop: tokio::sync::watch::Receiver<bool>) {
         loop {
-            let r = async {
-                let loaded = *self.loaded.borrow();
-                if loaded {
-                    let ts = self.client.tso().await.map_err(crate::kv::client_error)?;
-                    let k = state_key();
-                    let mut end = k.clone();
-                    end.push(0);
-                    let (kvs, _) = self
-                        .client
-                        .etcd_range(&k, &end, ts, 1, false, false)
-                        .await
-                        .map_err(crate::kv::client_error)?;
-                    let rev = kvs
-                        .first()
-                        .and_then(|kv| StateRecord::decode(kv.value.as_slice()).ok())
-                        .map_or(0, |s| s.revision);
-                    if rev == self.state().revision() {
-                        return Ok::<(), Status>(());
-                    }
-                    let s = self.read_at(ts).await?;
-                    self.install(s);
-                    Ok(())
-                } else {
-                    self.refresh().await
+            match self.loaded_state().await {
+                Ok(_) => return,
+                Err(e) => {
+                    tracing::debug!(error = %e.message(), "reading the auth state failed; tried again")
                 }
-            };
-            if let Err(e) = r.await {
-                tracing::debug!(error = %e.message(), "reading the auth state failed; tried again");
             }
             tokio::select! {
                 _ = tokio::time::sleep(REFRESH_INTERVAL) => {}
@@ -636,6 +718,7 @@ impl AuthStore {
                 try_one_pc: false,
                 ..Default::default()
             };
+            let started = std::time::Instant::now();
             let mut t = self
                 .client
                 .begin_with(opts)
@@ -648,7 +731,7 @@ impl AuthStore {
             let rev = after.state.revision;
             if !change(&mut after)? {
                 let _ = t.rollback().await;
-                self.install(before);
+                self.install(before, started);
                 return Ok(self.state());
             }
             after.state.revision = rev;
@@ -683,7 +766,7 @@ impl AuthStore {
             }
             match t.commit().await {
                 Ok(_) => {
-                    self.install(after);
+                    self.install(after, started);
                     return Ok(self.state());
                 }
                 Err(atoll_client::Error::WriteConflict { .. })
