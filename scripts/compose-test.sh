@@ -300,7 +300,7 @@ fi
 kv "${tls[@]}" probe "$host_ip:$ATOLL_STORE1_STATUS_PORT" /metrics >/dev/null || fail "status port over HTTPS"
 if command -v etcdctl >/dev/null; then
   got=$(ETCDCTL_API=3 etcdctl --endpoints "https://$host_ip:$ATOLL_STORE1_PORT" --cacert "$certs/ca.pem" \
-    --cert "$certs/client.pem" --key "$certs/client-key.pem" --print-value-only get k-tls) \
+    --cert "$certs/client.pem" --key "$certs/client-key.pem" get k-tls --print-value-only) \
     || fail "etcdctl over mutual TLS"
   [ "$got" = v-tls ] || fail "etcdctl get k-tls returned '$got'"
 fi
