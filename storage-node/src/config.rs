@@ -2,7 +2,7 @@
 //! as overrides.
 
 pub use atoll_storage::StorageConfig;
-use atoll_util::config::ReadableSize;
+use atoll_util::config::{ReadableDuration, ReadableSize};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
@@ -22,6 +22,10 @@ pub struct NodeConfig {
     /// How long an auth token from etcd's `Authenticate` stays valid, in seconds (etcd's
     /// `--auth-token-ttl`).
     pub auth_token_ttl: u64,
+    /// How long the store uses its cached auth state before a call confirms it with one read
+    /// (docs/security.md, "State, replication, restarts"): longer means fewer reads of the
+    /// auth records and later enforcement of changes made through other stores.
+    pub auth_cache_ttl: ReadableDuration,
     pub storage: StorageConfig,
     pub rocksdb: RocksDbConfig,
     pub raftstore: atoll_raftstore::Config,
@@ -48,6 +52,7 @@ impl Default for NodeConfig {
             advertise_status_addr: String::new(),
             log_level: "info".into(),
             auth_token_ttl: atoll_etcd::auth::DEFAULT_TOKEN_TTL_SECS,
+            auth_cache_ttl: ReadableDuration(atoll_etcd::auth::REFRESH_INTERVAL),
             storage: StorageConfig::default(),
             rocksdb: RocksDbConfig::default(),
             raftstore: atoll_raftstore::Config::default(),
@@ -104,6 +109,13 @@ impl NodeConfig {
         if self.auth_token_ttl == 0 {
             return Err(ConfigError::Invalid(
                 "--auth-token-ttl must be at least 1 (seconds)".into(),
+            ));
+        }
+        if self.auth_cache_ttl.0.is_zero()
+            || self.auth_cache_ttl.0 > std::time::Duration::from_secs(3600)
+        {
+            return Err(ConfigError::Invalid(
+                "auth-cache-ttl must be more than 0 and at most 1h".into(),
             ));
         }
         if self.storage.max_key_size.0 == 0 || self.storage.max_value_size.0 == 0 {

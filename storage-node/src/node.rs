@@ -269,6 +269,7 @@ impl Node {
         etcd.auth.set_key(auth_key);
         etcd.auth
             .set_token_ttl(Duration::from_secs(cfg.auth_token_ttl.max(1)));
+        etcd.auth.set_cache_ttl(cfg.auth_cache_ttl.0);
         // The etcd layer checked its caller already: its calls to other stores carry this
         // store's token (calls to this store are marked in process).
         let auth = etcd.auth.clone();

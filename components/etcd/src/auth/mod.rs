@@ -323,6 +323,8 @@ pub struct AuthStore {
     /// This store, for the confirmation task.
     me: std::sync::Weak<AuthStore>,
     token_ttl_ms: AtomicU64,
+    /// How long a confirmed state is used ([`REFRESH_INTERVAL`] unless configured), in ms.
+    cache_ttl_ms: AtomicU64,
     /// Other stores' public keys.
     keys: RwLock<HashMap<u64, VerifyingKey>>,
     /// When each store's key was last asked of PD (at most once a second each).
@@ -347,6 +349,7 @@ impl AuthStore {
             retry_at: Mutex::new(None),
             me: me.clone(),
             token_ttl_ms: AtomicU64::new(DEFAULT_TOKEN_TTL_SECS * 1000),
+            cache_ttl_ms: AtomicU64::new(REFRESH_INTERVAL.as_millis() as u64),
             keys: RwLock::default(),
             fetched: Mutex::default(),
             verified: Mutex::default(),
@@ -369,6 +372,17 @@ impl AuthStore {
     pub fn set_token_ttl(&self, ttl: Duration) {
         self.token_ttl_ms
             .store(ttl.as_millis().max(1) as u64, Ordering::Relaxed);
+    }
+
+    /// How long a confirmed state is used before a call confirms it again (storage-node
+    /// `auth-cache-ttl`, default [`REFRESH_INTERVAL`]).
+    pub fn set_cache_ttl(&self, ttl: Duration) {
+        self.cache_ttl_ms
+            .store(ttl.as_millis().max(1) as u64, Ordering::Relaxed);
+    }
+
+    fn cache_ttl(&self) -> Duration {
+        Duration::from_millis(self.cache_ttl_ms.load(Ordering::Relaxed))
     }
 
     /// The cached state.
@@ -470,7 +484,7 @@ impl AuthStore {
     fn fresh(&self) -> bool {
         self.confirmed
             .lock()
-            .is_some_and(|t| t.elapsed() < REFRESH_INTERVAL)
+            .is_some_and(|t| t.elapsed() < self.cache_ttl())
     }
 
     /// The state, confirmed current within [`REFRESH_INTERVAL`]. A stale cache starts a
@@ -509,7 +523,7 @@ impl AuthStore {
             );
             let mut r = self.retry_at.lock();
             if r.is_none_or(|t| t < now) {
-                *r = Some(now + REFRESH_INTERVAL);
+                *r = Some(now + self.cache_ttl().min(REFRESH_INTERVAL));
             }
         }
         Ok(self.state())

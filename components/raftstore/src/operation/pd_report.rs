@@ -186,7 +186,7 @@ impl<E: KvEngine> PeerFsm<E> {
             let peer = cp.peer.unwrap_or_default();
             // Removing the leader itself: hand leadership to another voter first.
             if change_type == CmdConfChangeType::RemoveNode && peer.id == self.peer.meta.id {
-                if let Some(target) = self.pick_transfer_target() {
+                if let Some(target) = self.pick_transfer_target(ctx) {
                     self.peer.raft_group.transfer_leader(target);
                 }
                 return;
@@ -206,7 +206,19 @@ impl<E: KvEngine> PeerFsm<E> {
             self.peer.propose(ctx, cmd, noop);
         } else if let Some(tl) = resp.transfer_leader {
             if let Some(p) = tl.peer {
-                if p.id != self.peer.meta.id
+                // Not to a peer on a store this store takes as down: PD learns of a dead store
+                // only after its disconnect time and may still pick it, and while a transfer
+                // is pending the region takes no proposal (until an election timeout, again
+                // at every heartbeat PD answers with the same step).
+                let target_down = util::find_peer_by_id(self.peer.region(), p.id)
+                    .is_some_and(|t| ctx.liveness.is_down(t.store_id));
+                if target_down {
+                    tracing::debug!(
+                        region_id = self.peer.region().id,
+                        target_store = p.store_id,
+                        "leader transfer to a peer on a down store refused"
+                    );
+                } else if p.id != self.peer.meta.id
                     && util::find_peer_by_id(self.peer.region(), p.id).is_some()
                 {
                     self.peer.wake(ctx);
@@ -223,13 +235,17 @@ impl<E: KvEngine> PeerFsm<E> {
         }
     }
 
-    fn pick_transfer_target(&self) -> Option<u64> {
+    fn pick_transfer_target(&self, ctx: &StoreContext<E>) -> Option<u64> {
         let last = self.peer.raft_group.raft.raft_log.last_index();
         self.peer
             .region()
             .peers
             .iter()
-            .filter(|p| p.id != self.peer.meta.id && !util::is_learner(p))
+            .filter(|p| {
+                p.id != self.peer.meta.id
+                    && !util::is_learner(p)
+                    && !ctx.liveness.is_down(p.store_id)
+            })
             .max_by_key(|p| {
                 self.peer
                     .raft_group

@@ -66,3 +66,50 @@ fn an_unchanged_region_is_not_reported_until_its_max_interval() {
     casual(&mut s, &mut r, CasualMessage::PeriodicHeartbeatPd);
     assert_eq!(reports(&mut s), 0);
 }
+
+/// PD learns of a dead store only after its disconnect time and may pick it as a leader
+/// transfer target meanwhile: the leader refuses (a pending transfer takes no proposals until
+/// an election timeout, and PD repeats the step at every heartbeat). Found by
+/// tests/hibernation.rs: writes stalled after a store was killed while PD balanced leaders
+/// onto it.
+#[test]
+fn no_leader_transfer_to_a_down_store() {
+    let (mut s, mut r) = crate::test_support::TestStore::three_voters_led_here(|c| {
+        c.store_liveness_timeout = ReadableDuration::millis(20);
+    });
+    let now = std::time::Instant::now();
+    s.ctx.liveness.heard(2, now);
+    s.ctx.liveness.heard(3, now);
+    std::thread::sleep(Duration::from_millis(30));
+    s.ctx.liveness.heard(3, std::time::Instant::now());
+    let mut out = vec![];
+    s.ctx.liveness.check(std::time::Instant::now(), &mut out);
+    assert!(s.ctx.liveness.is_down(2) && !s.ctx.liveness.is_down(3));
+    let transfer = |peer_id: u64, store_id: u64| {
+        PeerMsg::Casual(CasualMessage::PdOperator(Box::new(
+            atoll_proto::pdpb::RegionHeartbeatResponse {
+                transfer_leader: Some(atoll_proto::pdpb::TransferLeader {
+                    peer: Some(atoll_proto::metapb::Peer {
+                        id: peer_id,
+                        store_id,
+                        ..Default::default()
+                    }),
+                }),
+                ..Default::default()
+            },
+        )))
+    };
+    s.handle(&mut r.fsm, vec![transfer(12, 2)]);
+    assert_eq!(
+        r.fsm.peer.raft_group.raft.lead_transferee, None,
+        "transfer to the down store 2 started"
+    );
+    s.end(&mut r.fsm);
+    s.handle(&mut r.fsm, vec![transfer(13, 3)]);
+    assert_eq!(
+        r.fsm.peer.raft_group.raft.lead_transferee,
+        Some(13),
+        "transfer to the live store 3 refused"
+    );
+    s.end(&mut r.fsm);
+}
