@@ -266,6 +266,7 @@ impl Node {
             pd.clone(),
             Arc::new(atoll_etcd::RocksLocalStore::new(router.clone())),
         );
+        etcd.set_client_tls(server_tls.is_some());
         etcd.auth.set_key(auth_key);
         etcd.auth
             .set_token_ttl(Duration::from_secs(cfg.auth_token_ttl.max(1)));

@@ -241,6 +241,12 @@ fn mutual_tls_on_every_link() {
             text(&o)
         );
     };
+    // Members advertise https URLs (clients that sync their endpoints dial them).
+    let members = must(&["member", "list"]);
+    assert!(
+        members.contains("https://") && !members.contains("http://"),
+        "{members}"
+    );
     const ROOT: &str = "--user=root:rootpw";
     const ALICE: &str = "--user=alice:alicepw";
     must(&["user", "add", "root:rootpw"]);

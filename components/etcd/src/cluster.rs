@@ -42,7 +42,7 @@ impl ClusterService {
             .into_iter()
             .filter_map(|info| info.store)
             .filter(|s| s.state == metapb::StoreState::Up as i32)
-            .map(|s| store_member(&s))
+            .map(|s| store_member(&s, self.ctx.url_scheme()))
             .collect();
         members.sort_by_key(|m| m.id);
         Ok(members)
@@ -62,9 +62,9 @@ impl ClusterService {
     }
 }
 
-/// A store as an etcd member.
-pub fn store_member(s: &metapb::Store) -> Member {
-    let url = format!("http://{}", s.address);
+/// A store as an etcd member; `scheme`: `http` or `https` (the client port's).
+pub fn store_member(s: &metapb::Store, scheme: &str) -> Member {
+    let url = format!("{scheme}://{}", s.address);
     Member {
         id: s.id,
         name: format!("store-{}", s.id),
@@ -177,15 +177,19 @@ mod tests {
 
     #[test]
     fn a_store_is_a_member() {
-        let m = store_member(&metapb::Store {
+        let store = metapb::Store {
             id: 4,
             address: "127.0.0.1:20160".into(),
             ..Default::default()
-        });
+        };
+        let m = store_member(&store, "http");
         assert_eq!(m.id, 4);
         assert_eq!(m.name, "store-4");
         assert_eq!(m.client_ur_ls, vec!["http://127.0.0.1:20160".to_string()]);
         assert_eq!(m.peer_ur_ls, m.client_ur_ls);
         assert!(!m.is_learner);
+        // With TLS on the client port, clients that sync their endpoints dial https.
+        let m = store_member(&store, "https");
+        assert_eq!(m.client_ur_ls, vec!["https://127.0.0.1:20160".to_string()]);
     }
 }

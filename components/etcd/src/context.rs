@@ -150,6 +150,8 @@ pub struct EtcdContext {
     pub auth: Arc<crate::auth::AuthStore>,
     pub(crate) term: crate::header::TermCache,
     pub(crate) defrag: crate::maintenance::DefragState,
+    /// Whether the stores serve their client port over TLS (members' URLs are `https://`).
+    client_tls: std::sync::atomic::AtomicBool,
 }
 
 impl EtcdContext {
@@ -182,7 +184,24 @@ impl EtcdContext {
             auth,
             term: crate::header::TermCache::default(),
             defrag: crate::maintenance::DefragState::default(),
+            client_tls: Default::default(),
         })
+    }
+
+    /// The stores serve their client port over TLS: MemberList answers `https://` URLs (a
+    /// cluster runs with TLS on every store or on none).
+    pub fn set_client_tls(&self, on: bool) {
+        self.client_tls
+            .store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The scheme of the members' URLs.
+    pub fn url_scheme(&self) -> &'static str {
+        if self.client_tls.load(std::sync::atomic::Ordering::Relaxed) {
+            "https"
+        } else {
+            "http"
+        }
     }
 
     /// The etcd cluster id: PD's cluster id.
