@@ -259,6 +259,16 @@ impl AuthState {
     }
 }
 
+/// Whether a state read at revision `new` replaces the cached one at `cur`: the first read
+/// always, later only a newer one. Reads run concurrently (a confirmation, a refresh after a
+/// refusal, a change's own read) and finish in any order: an older one, even one that found
+/// no records at all (revision 0, before auth was first touched), must not undo a newer one
+/// (it did: a slow confirmation that read before `auth enable` put the empty state back, and
+/// the next call's fresh token was "invalid").
+fn replaces(first: bool, cur: u64, new: u64) -> bool {
+    first || new > cur
+}
+
 /// Who is calling.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Caller {
@@ -690,7 +700,7 @@ impl AuthStore {
         {
             let mut cur = self.state.write();
             let first = self.confirmed.lock().is_none();
-            if first || s.revision() > cur.revision() || s.revision() == 0 {
+            if replaces(first, cur.revision(), s.revision()) {
                 *cur = Arc::new(s);
             }
         }
@@ -969,6 +979,22 @@ mod tests {
         let (start, end) = records_range();
         assert!(recs.iter().all(|(k, _)| *k >= start && *k < end));
         assert!(atoll_keys::is_system_key(&start));
+    }
+
+    #[test]
+    fn an_older_read_never_replaces_a_newer_state() {
+        assert!(super::replaces(true, 0, 0), "the first read");
+        assert!(
+            super::replaces(true, 5, 3),
+            "the first read, whatever it found"
+        );
+        assert!(super::replaces(false, 2, 3));
+        assert!(!super::replaces(false, 3, 3));
+        assert!(!super::replaces(false, 3, 2));
+        assert!(
+            !super::replaces(false, 2, 0),
+            "an empty read from before auth was touched"
+        );
     }
 
     #[test]
