@@ -263,8 +263,8 @@ impl AuthState {
 /// always, later only a newer one. Reads run concurrently (a confirmation, a refresh after a
 /// refusal, a change's own read) and finish in any order: an older one, even one that found
 /// no records at all (revision 0, before auth was first touched), must not undo a newer one
-/// (it did: a slow confirmation that read before `auth enable` put the empty state back, and
-/// the next call's fresh token was "invalid").
+/// (it could: a slow confirmation that read before `auth enable` put the empty state, auth
+/// disabled, back on a store).
 fn replaces(first: bool, cur: u64, new: u64) -> bool {
     first || new > cur
 }
@@ -490,14 +490,15 @@ impl AuthStore {
         Some(claims)
     }
 
-    /// Whether the cached state was confirmed within [`REFRESH_INTERVAL`].
+    /// Whether the cached state was confirmed within the cache TTL (`auth-cache-ttl`, default
+    /// [`REFRESH_INTERVAL`]).
     fn fresh(&self) -> bool {
         self.confirmed
             .lock()
             .is_some_and(|t| t.elapsed() < self.cache_ttl())
     }
 
-    /// The state, confirmed current within [`REFRESH_INTERVAL`]. A stale cache starts a
+    /// The state, confirmed current within the cache TTL. A stale cache starts a
     /// confirmation (in its own task, one at a time) and waits for it up to [`CONFIRM_WAIT`];
     /// if the auth records cannot be read in that time, the cached state is used and calls
     /// stop waiting for [`REFRESH_INTERVAL`] (no call depends on the availability of the
