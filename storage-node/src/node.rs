@@ -277,7 +277,6 @@ impl Node {
         let token: Arc<dyn Fn() -> Option<String> + Send + Sync> =
             Arc::new(move || Some(auth.store_token()));
         etcd.client.set_token_source(Some(token));
-        tasks.push(tokio::spawn(etcd.auth.clone().load(stop_rx.clone())));
         let kv = KvServer::new(KvService::new(storage.clone(), etcd.auth.clone()))
             .max_decoding_message_size(64 << 20)
             .max_encoding_message_size(64 << 20);
@@ -301,26 +300,6 @@ impl Node {
             storage.lease_table().clone(),
             stop_rx.clone(),
         )));
-        let mut grpc = tonic::service::RoutesBuilder::default();
-        grpc.add_service(kv).add_service(raft);
-        let routes = atoll_etcd::routes(&etcd, grpc);
-        let mut rx = stop_rx.clone();
-        tasks.push(tokio::spawn(async move {
-            let router = tonic::transport::Server::builder()
-                .accept_http1(true)
-                .tcp_nodelay(true)
-                .initial_stream_window_size(4 << 20)
-                .initial_connection_window_size(16 << 20)
-                .add_routes(routes);
-            let r = atoll_util::tls::serve(router, listener, server_tls, async move {
-                let _ = rx.wait_for(|s| *s).await;
-            })
-            .await;
-            if let Err(e) = r {
-                tracing::error!(error = %e, "gRPC server stopped");
-            }
-        }));
-
         let status_addr = if cfg.status_addr.is_empty() {
             None
         } else {
@@ -370,6 +349,29 @@ impl Node {
         pd.put_store(meta.clone())
             .await
             .map_err(|e| anyhow::anyhow!("register store {store_id} with PD: {e}"))?;
+        // Served only once registered: other stores check this store's tokens with the key
+        // in its PD record, so its first calls (the auth state read) must find it there.
+        let mut grpc = tonic::service::RoutesBuilder::default();
+        grpc.add_service(kv).add_service(raft);
+        let routes = atoll_etcd::routes(&etcd, grpc);
+        let mut rx = stop_rx.clone();
+        tasks.push(tokio::spawn(async move {
+            let router = tonic::transport::Server::builder()
+                .accept_http1(true)
+                .tcp_nodelay(true)
+                .initial_stream_window_size(4 << 20)
+                .initial_connection_window_size(16 << 20)
+                .add_routes(routes);
+            let r = atoll_util::tls::serve(router, listener, server_tls, async move {
+                let _ = rx.wait_for(|s| *s).await;
+            })
+            .await;
+            if let Err(e) = r {
+                tracing::error!(error = %e, "gRPC server stopped");
+            }
+        }));
+
+        tasks.push(tokio::spawn(etcd.auth.clone().load(stop_rx.clone())));
         tracing::info!(store_id, %addr, "store started");
         Ok(Node {
             store_id,

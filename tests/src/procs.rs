@@ -297,6 +297,27 @@ pub struct ProcCluster {
     opts: ClusterOpts,
 }
 
+/// A failing test (panicking while its cluster is dropped) prints the tail of every process's
+/// log; with `ATOLL_KEEP_FAILED=<dir>` it also copies the cluster's directory (logs and data)
+/// under `<dir>`, to read in full.
+impl Drop for ProcCluster {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        self.dump_logs();
+        if let Ok(dest) = std::env::var("ATOLL_KEEP_FAILED") {
+            let _ = std::fs::create_dir_all(&dest);
+            let r = Command::new("cp")
+                .arg("-a")
+                .arg(self.dir.path())
+                .arg(&dest)
+                .status();
+            eprintln!("kept {} under {dest}: {r:?}", self.dir.path().display());
+        }
+    }
+}
+
 impl ProcCluster {
     pub fn start(opts: ClusterOpts) -> ProcCluster {
         let dir = tempfile::Builder::new()

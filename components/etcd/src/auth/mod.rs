@@ -269,6 +269,29 @@ fn replaces(first: bool, cur: u64, new: u64) -> bool {
     first || new > cur
 }
 
+/// What is known of a store's token-signing key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum KeyLookup {
+    Key(VerifyingKey),
+    /// The store does not exist, is gone, or publishes no key: its tokens are invalid.
+    NoKey,
+    /// PD could not be asked, or the store is not registered yet (a starting store calls
+    /// others before its record is in PD): nothing can be said yet.
+    Unknown,
+}
+
+/// What PD's answer for a store says of its key.
+fn key_lookup(r: Result<atoll_proto::metapb::Store, atoll_pd_client::Error>) -> KeyLookup {
+    match r {
+        Ok(store) => <[u8; 32]>::try_from(store.auth_key.as_slice())
+            .ok()
+            .and_then(|b| VerifyingKey::from_bytes(&b).ok())
+            .map_or(KeyLookup::NoKey, KeyLookup::Key),
+        Err(atoll_pd_client::Error::StoreTombstone(_)) => KeyLookup::NoKey,
+        Err(_) => KeyLookup::Unknown,
+    }
+}
+
 /// Who is calling.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Caller {
@@ -337,8 +360,9 @@ pub struct AuthStore {
     cache_ttl_ms: AtomicU64,
     /// Other stores' public keys.
     keys: RwLock<HashMap<u64, VerifyingKey>>,
-    /// When each store's key was last asked of PD (at most once a second each).
-    fetched: Mutex<HashMap<u64, std::time::Instant>>,
+    /// When each store's key was last asked of PD (at most once a second each), and what
+    /// came of it.
+    fetched: Mutex<HashMap<u64, (std::time::Instant, KeyLookup)>>,
     /// Tokens whose signature checked out: token -> claims.
     verified: Mutex<HashMap<String, token::Claims>>,
     /// This store's current store token.
@@ -433,61 +457,80 @@ impl AuthStore {
         token::sign(&self.key.read(), &claims)
     }
 
-    /// The public key of store `id`: this store's, a cached one, or from PD.
-    async fn key_of(&self, id: u64, refresh: bool) -> Option<VerifyingKey> {
+    /// The public key of store `id`: this store's, a cached one, or from PD. PD is asked at
+    /// most once a second per store; in between, the last answer stands.
+    async fn key_of(&self, id: u64, refresh: bool) -> KeyLookup {
         if id == self.store_id {
-            return Some(self.public_key());
+            return KeyLookup::Key(self.public_key());
         }
         if !refresh {
             if let Some(k) = self.keys.read().get(&id) {
-                return Some(*k);
+                return KeyLookup::Key(*k);
             }
         }
         {
             let mut f = self.fetched.lock();
             let now = std::time::Instant::now();
-            if f.get(&id)
-                .is_some_and(|t| now.duration_since(*t) < Duration::from_secs(1))
-            {
-                return self.keys.read().get(&id).copied();
+            if let Some((t, last)) = f.get(&id) {
+                if now.duration_since(*t) < Duration::from_secs(1) {
+                    return match self.keys.read().get(&id) {
+                        Some(k) => KeyLookup::Key(*k),
+                        None => *last,
+                    };
+                }
             }
             if f.len() >= VERIFIED_CACHE {
                 f.clear();
             }
-            f.insert(id, now);
+            f.insert(id, (now, KeyLookup::Unknown));
         }
-        let store = self.pd.get_store(id).await.ok()?;
-        let bytes: [u8; 32] = store.auth_key.as_slice().try_into().ok()?;
-        let k = VerifyingKey::from_bytes(&bytes).ok()?;
-        self.keys.write().insert(id, k);
-        Some(k)
+        let found = key_lookup(self.pd.get_store(id).await);
+        if let KeyLookup::Key(k) = found {
+            self.keys.write().insert(id, k);
+        }
+        if let Some(e) = self.fetched.lock().get_mut(&id) {
+            e.1 = found;
+        }
+        found
     }
 
-    /// The claims of a token some store of this cluster signed (expiry not checked).
-    pub async fn verify(&self, tok: &str) -> Option<token::Claims> {
+    /// The claims of a token some store of this cluster signed (expiry not checked):
+    /// `Ok(None)` if it is not such a token; an error (unavailable) if whether it is cannot be
+    /// told now (its issuer's key could not be had from PD): a caller with a good token must
+    /// not be told it is invalid (etcd clients then authenticate again, in a loop) because PD
+    /// did not answer.
+    pub async fn verify(&self, tok: &str) -> Result<Option<token::Claims>, Status> {
         if let Some(c) = self.verified.lock().get(tok) {
-            return Some(c.clone());
+            return Ok(Some(c.clone()));
         }
-        let (claims, payload, sig) = token::parse(tok)?;
-        let mut ok = false;
+        let Some((claims, payload, sig)) = token::parse(tok) else {
+            return Ok(None);
+        };
+        let mut unknown = false;
         for refresh in [false, true] {
-            let Some(k) = self.key_of(claims.issuer, refresh).await else {
-                continue;
-            };
-            if token::signed_by(&k, &payload, &sig) {
-                ok = true;
-                break;
+            match self.key_of(claims.issuer, refresh).await {
+                KeyLookup::Key(k) if token::signed_by(&k, &payload, &sig) => {
+                    let mut v = self.verified.lock();
+                    if v.len() >= VERIFIED_CACHE {
+                        v.clear();
+                    }
+                    v.insert(tok.to_string(), claims.clone());
+                    return Ok(Some(claims));
+                }
+                KeyLookup::Key(_) | KeyLookup::NoKey => unknown = false,
+                KeyLookup::Unknown => unknown = true,
             }
         }
-        if !ok {
-            return None;
+        if unknown {
+            return Err(errors::atoll(
+                Code::Unavailable,
+                format!(
+                    "cannot check the token now: the key of store {} is not known yet",
+                    claims.issuer
+                ),
+            ));
         }
-        let mut v = self.verified.lock();
-        if v.len() >= VERIFIED_CACHE {
-            v.clear();
-        }
-        v.insert(tok.to_string(), claims.clone());
-        Some(claims)
+        Ok(None)
     }
 
     /// Whether the cached state was confirmed within the cache TTL (`auth-cache-ttl`, default
@@ -611,7 +654,7 @@ impl AuthStore {
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
         let verified = match &tok {
-            Some(t) => self.verify(t).await,
+            Some(t) => self.verify(t).await?,
             None => None,
         };
         if verified
@@ -980,6 +1023,33 @@ mod tests {
         let (start, end) = records_range();
         assert!(recs.iter().all(|(k, _)| *k >= start && *k < end));
         assert!(atoll_keys::is_system_key(&start));
+    }
+
+    /// Only a definite answer makes a token invalid: a PD that cannot be asked, or a store
+    /// that is not registered yet, leaves it unknown (the call is refused as unavailable, and
+    /// retried; etcd clients would take "invalid auth token" as theirs and authenticate again).
+    #[test]
+    fn a_store_key_is_unknown_unless_pd_answers_definitely() {
+        use atoll_pd_client::Error as E;
+        use atoll_proto::metapb::Store;
+        let k = token::new_key().verifying_key();
+        let store = |key: Vec<u8>| Store {
+            id: 2,
+            auth_key: key,
+            ..Default::default()
+        };
+        assert_eq!(
+            key_lookup(Ok(store(k.to_bytes().to_vec()))),
+            KeyLookup::Key(k)
+        );
+        assert_eq!(key_lookup(Ok(store(vec![]))), KeyLookup::NoKey);
+        assert_eq!(key_lookup(Ok(store(vec![7; 5]))), KeyLookup::NoKey);
+        assert_eq!(key_lookup(Err(E::StoreTombstone(2))), KeyLookup::NoKey);
+        assert_eq!(key_lookup(Err(E::StoreNotFound(2))), KeyLookup::Unknown);
+        assert_eq!(
+            key_lookup(Err(E::Other("connection refused".into()))),
+            KeyLookup::Unknown
+        );
     }
 
     #[test]
