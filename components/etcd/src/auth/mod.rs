@@ -1052,6 +1052,47 @@ mod tests {
         );
     }
 
+    /// A store token checked by another store before PD has the issuer's key (a starting
+    /// store's first calls, or PD not answering) is unavailable, not invalid: it failed with
+    /// "invalid auth token" before, which etcd clients answer by authenticating again, in a
+    /// loop. Once PD has the key it verifies; one signed by another key stays invalid.
+    #[tokio::test]
+    async fn a_token_whose_issuer_pd_does_not_know_yet_is_unavailable_not_invalid() {
+        use atoll_proto::metapb::Store;
+        let mock = Arc::new(atoll_test_cluster::MockPd::new());
+        let pd: Arc<dyn PdClient> = mock.clone();
+        let client = Client::with_pd(atoll_client::ClientConfig::new(vec![]), pd.clone());
+        let me = AuthStore::new(1, client.clone(), pd.clone());
+        let other = AuthStore::new(2, client, pd.clone());
+        let tok = other.store_token();
+        let e = me.verify(&tok).await.expect_err("store 2 is not in PD yet");
+        assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+        pd.put_store(Store {
+            id: 2,
+            address: "127.0.0.1:2".into(),
+            auth_key: other.public_key().to_bytes().to_vec(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        // PD is asked at most once a second per store.
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        let c = me.verify(&tok).await.unwrap().expect("verified");
+        assert_eq!((c.kind, c.issuer), (token::Kind::Store, 2));
+        let forged = token::sign(
+            &token::new_key(),
+            &token::Claims {
+                kind: token::Kind::Store,
+                issuer: 2,
+                revision: 0,
+                expiry_ms: u64::MAX,
+                name: String::new(),
+            },
+        );
+        assert_eq!(me.verify(&forged).await.unwrap(), None, "another key");
+        assert_eq!(me.verify("junk").await.unwrap(), None);
+    }
+
     #[test]
     fn an_older_read_never_replaces_a_newer_state() {
         assert!(super::replaces(true, 0, 0), "the first read");
