@@ -47,7 +47,8 @@ measured() { # SYSTEM RUN KVBENCH-ARGS... : one labelled line with the CPU figur
   sleep 1 # kvbench's warm-up
   s0=$(ticks $SERVER_PIDS); c0=$(ticks $kp)
   while kill -0 $kp 2>/dev/null && [ "$(cut -d' ' -f3 /proc/$kp/stat 2>/dev/null)" != Z ]; do
-    c1=$(ticks $kp); sleep 0.2
+    x=$(ticks $kp); [ "$x" -gt 0 ] && c1=$x # 0: it just exited
+    sleep 0.2
   done
   s1=$(ticks $SERVER_PIDS)
   wait $kp
