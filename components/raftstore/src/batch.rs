@@ -29,38 +29,58 @@ use std::thread::JoinHandle;
 
 /// The pool's queue of scheduled FSMs: a FIFO whose consumers block on a condition variable
 /// (parking_lot's: no spinning before the thread sleeps). Its length is bounded by the number
-/// of FSMs (see the module comment), so it needs no capacity of its own.
+/// of FSMs (see the module comment), so it needs no capacity of its own. Once closed (the
+/// pool shut down) it drops what it holds and everything sent to it: queued FSMs hold their
+/// mailboxes, which hold the queue, and nothing would ever free them (nor the engine they
+/// hold open).
 struct ReadyQueue<T> {
-    items: Mutex<VecDeque<T>>,
+    state: Mutex<(VecDeque<T>, bool)>,
     ready: Condvar,
 }
 
 impl<T> ReadyQueue<T> {
     fn new() -> Arc<Self> {
         Arc::new(ReadyQueue {
-            items: Mutex::new(VecDeque::new()),
+            state: Mutex::new((VecDeque::new(), false)),
             ready: Condvar::new(),
         })
     }
 
     fn send(&self, t: T) {
-        self.items.lock().push_back(t);
+        let mut s = self.state.lock();
+        if s.1 {
+            drop(s);
+            drop(t);
+            return;
+        }
+        s.0.push_back(t);
+        drop(s);
         self.ready.notify_one();
     }
 
     /// The oldest item, waiting for one.
     fn recv(&self) -> T {
-        let mut q = self.items.lock();
+        let mut s = self.state.lock();
         loop {
-            if let Some(t) = q.pop_front() {
+            if let Some(t) = s.0.pop_front() {
                 return t;
             }
-            self.ready.wait(&mut q);
+            self.ready.wait(&mut s);
         }
     }
 
     fn try_recv(&self) -> Option<T> {
-        self.items.lock().pop_front()
+        self.state.lock().0.pop_front()
+    }
+
+    /// Drops what is queued, and from now on what is sent.
+    fn close(&self) {
+        let items = {
+            let mut s = self.state.lock();
+            s.1 = true;
+            std::mem::take(&mut s.0)
+        };
+        drop(items);
     }
 }
 
@@ -335,8 +355,8 @@ impl<F: Fsm> BatchSystem<F> {
         for t in threads {
             let _ = t.join();
         }
-        // FSMs still queued for a poller would otherwise live as long as any router handle.
-        while self.receiver.try_recv().is_some() {}
+        // FSMs still queued, or sent after this, would otherwise never be freed.
+        self.receiver.close();
     }
 }
 
@@ -514,5 +534,36 @@ mod tests {
         assert!(matches!(router.try_send(1, 0), Err(SendError::Closed(0))));
         assert!(matches!(router.try_send(9, 0), Err(SendError::Closed(0))));
         sys.shutdown();
+    }
+
+    /// After shutdown an FSM is freed, also when a message arrives for it later (a queued FSM
+    /// holds its mailbox, which holds the queue: kept, they would hold each other, and the
+    /// FSM its engine, forever; a restarted store then found its RocksDB still locked).
+    #[test]
+    fn shutdown_frees_the_fsms_also_when_sent_to_later() {
+        let sys = BatchSystem::<Counter>::new(16, 8);
+        let rounds = Arc::new(AtomicUsize::new(0));
+        sys.spawn("test-poller", 1, move |_| H {
+            rounds: rounds.clone(),
+        });
+        let router = sys.router();
+        let seen = Arc::new(AtomicUsize::new(0));
+        router.register(
+            1,
+            Box::new(Counter {
+                seen: seen.clone(),
+                stop_at: 0,
+                stopped: false,
+            }),
+        );
+        router.force_send(1, 0).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while seen.load(Ordering::SeqCst) < 1 {
+            assert!(std::time::Instant::now() < deadline);
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        sys.shutdown();
+        let _ = router.force_send(1, 0);
+        assert_eq!(Arc::strong_count(&seen), 1, "the FSM is still alive");
     }
 }
